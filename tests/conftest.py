@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models of each supported family, built offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Neurons in language models respond to "
+    "tokens; some respond to many unrelated contexts. Wasserstein distances measure how far "
+    "a distribution is from a Gaussian. Sparse experts route each token to a cluster. "
+) * 20
+
+
+_TOKENIZER_DIR: list[str] = []
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a short text (~300 tokens of vocabulary).
+
+    It is saved once to a temporary folder and reloaded from there, because TransformerLens
+    re-opens the tokenizer by its ``name_or_path``.
+    """
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if _TOKENIZER_DIR:
+        return AutoTokenizer.from_pretrained(_TOKENIZER_DIR[0])
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TINY_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
+    _TOKENIZER_DIR.append(tempfile.mkdtemp(prefix="wn-tiny-tokenizer-"))
+    fast.save_pretrained(_TOKENIZER_DIR[0])
+    return AutoTokenizer.from_pretrained(_TOKENIZER_DIR[0])
+
+
+def make_config(family: str, vocab_size: int, n_layers: int = 2):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=n_layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=n_layers, num_attention_heads=4,
+                             max_position_embeddings=256)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=128, n_layer=n_layers,
+                          n_head=4, n_positions=256)
+    raise ValueError(family)
+
+
+def make_tiny_model(family: str = "llama", seed: int = 0, device: str = "cpu"):
+    """A ``LoadedModel`` around a tiny random HF model of ``family`` (no downloads)."""
+    from transformers import AutoModelForCausalLM
+
+    from wasserstein_neurons.models import load_model
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(make_config(family, len(tokenizer)))
+    return load_model(f"tiny-{family}", device=device, hf_model=hf, tokenizer=tokenizer)
+
+
+FAMILIES = ("llama", "gpt_neox", "gpt2")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request):
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tokenizer()

@@ -1,0 +1,264 @@
+"""Stream hook activations of a model to a disk-backed store.
+
+For every requested TransformerLens hook, :func:`capture_activations` writes the hook's output
+``[batch, pos, d]``, flattened to ``[tokens, d]``, into one ``.npy`` file per hook. Chunks are
+appended with plain file writes as the forward passes go, so peak RAM is one batch of
+activations, independent of how many tokens are captured. The files are opened later as
+read-only memory maps (:class:`ActivationStore`), so analyses never need to re-run the model.
+
+Store layout (``store_dir``)::
+
+    meta.json           hooks, shapes, dtype, model name, seqlen, finished flag
+    tokens.npy          [n_windows, seqlen] int32 token ids (token t of the store is
+                        tokens.reshape(-1)[t])
+    <hook name>.npy     [n_tokens, d] float16 or float32, row t = token t
+
+Hook names
+----------
+``hooks`` accepts exact TransformerLens names (``blocks.3.mlp.hook_pre``), ``fnmatch`` patterns
+(``blocks.*.mlp.hook_pre_linear``), or a bare hook kind (``hook_pre`` means ``blocks.*.mlp.hook_pre``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_HOOKS = ("blocks.*.mlp.hook_pre",)
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class StoreExistsError(FileExistsError):
+    """The target folder already holds a finished activation store."""
+
+
+def hook_layer(name: str) -> int:
+    """Layer index of a ``blocks.{l}.…`` hook name (``-1`` for hooks outside the blocks)."""
+    match = _LAYER_RE.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def resolve_hook_names(bridge, hooks: str | Sequence[str] | None = None) -> list[str]:
+    """Expand names, patterns and bare kinds to concrete hook names, ordered by layer.
+
+    Raises
+    ------
+    ValueError
+        If a name or pattern matches no hook point; the message lists the valid MLP hooks.
+    """
+    if hooks is None:
+        hooks = DEFAULT_HOOKS
+    if isinstance(hooks, str):
+        hooks = [h.strip() for h in hooks.split(",") if h.strip()]
+    available = list(bridge.hook_dict)
+    resolved: list[str] = []
+    for pattern in hooks:
+        if "." not in pattern and "*" not in pattern:
+            pattern = f"blocks.*.mlp.{pattern}"
+        matches = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            kinds = sorted({n.split(".", 2)[2] for n in available
+                            if n.startswith("blocks.0.mlp.") and n.count(".") == 3})
+            raise ValueError(
+                f"unknown hook {pattern!r}; valid MLP hooks are blocks.<layer>.mlp.<kind> with "
+                f"layer in 0..{bridge.cfg.n_layers - 1} and kind in {', '.join(kinds)} "
+                f"(bare kinds such as 'hook_pre' mean every layer)"
+            )
+        resolved.extend(m for m in matches if m not in resolved)
+    return sorted(resolved, key=lambda n: (hook_layer(n), n))
+
+
+def _file_name(hook: str) -> str:
+    return f"{hook}.npy"
+
+
+@dataclass
+class ActivationStore:
+    """Read access to a finished capture: memory-mapped ``[tokens, d]`` arrays per hook."""
+
+    path: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> ActivationStore:
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} holds no activation store (no meta.json)")
+        meta = json.loads(meta_file.read_text())
+        if not meta.get("finished"):
+            raise RuntimeError(f"the activation store in {path} is incomplete (interrupted run)")
+        return cls(path=path, meta=meta)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.meta["hooks"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    def array(self, hook: str) -> np.ndarray:
+        """``[n_tokens, d]`` read-only memory map of one hook's activations."""
+        if hook not in self.meta["hooks"]:
+            raise KeyError(f"hook {hook!r} not in store; stored hooks: {self.hook_names}")
+        return np.load(self.path / _file_name(hook), mmap_mode="r")
+
+    def tokens(self) -> np.ndarray:
+        """``[n_tokens]`` token ids, aligned with the rows of every :meth:`array`."""
+        return np.load(self.path / "tokens.npy").reshape(-1)
+
+    def __iter__(self) -> Iterable[tuple[str, np.ndarray]]:
+        for hook in self.hook_names:
+            yield hook, self.array(hook)
+
+
+class _NpyStreamWriter:
+    """Write a ``[rows, cols]`` ``.npy`` file chunk by chunk with ordinary file writes."""
+
+    def __init__(self, path: Path, rows: int, cols: int, dtype: np.dtype):
+        self.path, self.rows, self.cols, self.dtype = path, rows, cols, np.dtype(dtype)
+        self.written = 0
+        self.file = open(path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (rows, cols)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, chunk: np.ndarray) -> None:
+        if chunk.shape[1] != self.cols:
+            raise ValueError(f"{self.path.name}: chunk width {chunk.shape[1]} != {self.cols}")
+        if self.written + len(chunk) > self.rows:
+            raise ValueError(f"{self.path.name}: more rows than the {self.rows} announced")
+        self.file.write(np.ascontiguousarray(chunk, dtype=self.dtype).tobytes())
+        self.written += len(chunk)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.rows:
+            raise RuntimeError(f"{self.path.name}: wrote {self.written} of {self.rows} rows")
+
+
+def _prepare_dir(store_dir: Path, overwrite: bool) -> None:
+    if (store_dir / "meta.json").exists():
+        meta = json.loads((store_dir / "meta.json").read_text())
+        if meta.get("finished") and not overwrite:
+            raise StoreExistsError(
+                f"{store_dir} already holds a finished activation store; "
+                "pass overwrite=True (CLI: --overwrite) to replace it"
+            )
+    if store_dir.exists():
+        for f in store_dir.glob("*.npy"):
+            f.unlink()
+        (store_dir / "meta.json").unlink(missing_ok=True)
+    store_dir.mkdir(parents=True, exist_ok=True)
+
+
+@torch.no_grad()
+def capture_activations(
+    model,
+    windows: torch.Tensor,
+    store_dir: str | Path,
+    hooks: str | Sequence[str] | None = None,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ActivationStore:
+    """Run ``windows`` through ``model.bridge`` and stream the hooks' outputs to ``store_dir``.
+
+    Parameters
+    ----------
+    model:
+        A :class:`~wasserstein_neurons.models.LoadedModel`.
+    windows:
+        ``[n_windows, seqlen]`` token ids; each window is one sequence (no BOS is added).
+    store_dir:
+        Output folder. A folder holding a finished store is refused unless ``overwrite``.
+    hooks:
+        Hook names / patterns / bare kinds (see module docstring); default every layer's
+        ``mlp.hook_pre``.
+    batch_size:
+        Windows per forward pass. Peak memory ≈ ``batch_size·seqlen·Σ d_hook`` values.
+    dtype:
+        ``"float16"`` (default, half the disk) or ``"float32"``.
+
+    Returns
+    -------
+    ActivationStore
+    """
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"unknown store dtype {dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n_windows, seqlen], got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    bridge = model.bridge
+    names = resolve_hook_names(bridge, hooks)
+    store_dir = Path(store_dir)
+    _prepare_dir(store_dir, overwrite)
+
+    n_windows, seqlen = windows.shape
+    n_tokens = n_windows * seqlen
+    np.save(store_dir / "tokens.npy", windows.to(torch.int32).numpy())
+    widths: dict[str, int] = {}
+    writers: dict[str, _NpyStreamWriter] = {}
+    np_dtype = STORE_DTYPES[dtype]
+
+    def hook_fn(name: str):
+        def fn(activation: torch.Tensor, hook) -> None:
+            flat = activation.detach().reshape(-1, activation.shape[-1])
+            if name not in writers:
+                widths[name] = flat.shape[1]
+                writers[name] = _NpyStreamWriter(
+                    store_dir / _file_name(name), n_tokens, flat.shape[1], np_dtype
+                )
+            writers[name].write(flat.to(torch.float32).cpu().numpy())
+
+        return fn
+
+    fwd_hooks = [(name, hook_fn(name)) for name in names]
+    last_layer = max(hook_layer(n) for n in names)
+    stop = last_layer + 1 if 0 <= last_layer < bridge.cfg.n_layers - 1 else None
+    device = model.device
+    try:
+        for start in tqdm(range(0, n_windows, batch_size), desc="capture", unit="batch",
+                          disable=not progress):
+            batch = windows[start:start + batch_size].to(device)
+            bridge.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None,
+                                  stop_at_layer=stop)
+    finally:
+        for writer in writers.values():
+            writer.file.close()
+    for writer in writers.values():
+        writer.close()
+    missing = [n for n in names if n not in writers]
+    if missing:
+        raise RuntimeError(f"hooks never fired: {missing}")
+    meta = {
+        "finished": True,
+        "model": getattr(model, "name", None),
+        "hooks": {n: {"shape": [n_tokens, widths[n]], "layer": hook_layer(n)} for n in names},
+        "n_tokens": n_tokens,
+        "n_windows": n_windows,
+        "seqlen": seqlen,
+        "dtype": dtype,
+    }
+    tmp = store_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(store_dir / "meta.json")
+    return ActivationStore(path=store_dir, meta=meta)
+
+
+def remove_store(store_dir: str | Path) -> None:
+    """Delete an activation store folder (its ``.npy`` files can be many GB)."""
+    shutil.rmtree(store_dir, ignore_errors=True)

@@ -1,0 +1,454 @@
+"""Shared interface of the one-shot weight pruners.
+
+Every pruner works on one weight matrix ``W`` of shape ``[out, in]`` (the layout of
+``torch.nn.Linear.weight``): a row ``W[j]`` is one neuron (output channel), a column
+``W[:, i]`` multiplies input feature ``i``.  The life cycle is
+
+1. ``pruner = make_pruner("sparsegpt", d_in=W.shape[1], device=...)``
+2. ``pruner.add_batch(x)`` for every calibration batch of the layer's *inputs*
+   (``x: [..., in]``, e.g. ``[batch, seq, in]`` or ``[tokens, in]``);
+3. ``result = pruner.prune(W, PruneSpec(sparsity=0.5))`` returns a new weight, the mask and
+   statistics; the input weight is left untouched unless ``inplace=True``.
+
+Conventions shared by all methods
+---------------------------------
+* ``sparsity`` is the fraction of weights zeroed *per pruned row* (methods that compare
+  scores within a row) or over the pruned rows taken together (per-matrix magnitude).  The
+  number of weights removed from ``n`` candidates is ``k = floor(sparsity * n + 1/2)``
+  (nearest integer), and exactly ``k`` are chosen (ties are broken by a stable sort, lowest
+  column index first), so the achieved sparsity is exact even when many ``|w|`` tie.
+* ``prunen:prunem`` (n:m) sparsity zeroes exactly ``n`` weights in every group of ``m``
+  consecutive input columns of every pruned row; ``in`` must be divisible by ``m``.  When
+  n:m is set, ``sparsity`` must be ``0`` or ``n / m``.
+* ``rows`` restricts pruning to a subset of neurons: every other row of the returned weight
+  is bit-identical to the input.
+* Zero sparsity (and no n:m, no quantization) returns an exact copy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Pruner",
+    "PruneResult",
+    "PruneSpec",
+    "lowest_k_mask",
+    "lowest_k_mask_per_row",
+    "n_to_prune",
+    "nm_mask",
+]
+
+
+def n_to_prune(sparsity: float, n: int) -> int:
+    """Number of weights to remove from ``n`` candidates at a given sparsity.
+
+    Parameters
+    ----------
+    sparsity : float
+        Target fraction in ``[0, 1)``.
+    n : int
+        Number of candidate weights.
+
+    Returns
+    -------
+    int
+        ``floor(sparsity * n + 1/2)``, the nearest integer (halves round up), clipped to
+        ``[0, n]``.
+    """
+    return min(max(int(math.floor(sparsity * n + 0.5)), 0), n)
+
+
+def lowest_k_mask_per_row(scores: Tensor, k: int) -> Tensor:
+    """Mark the ``k`` lowest scores of every row.
+
+    Parameters
+    ----------
+    scores : Tensor, shape ``[rows, cols]``
+        Importance scores (lower = pruned first).
+    k : int
+        Number of entries to mark per row, ``0 <= k <= cols``.
+
+    Returns
+    -------
+    Tensor, bool, shape ``[rows, cols]``
+        ``True`` at the ``k`` lowest entries of each row.  Ties are broken by a stable sort
+        (lowest column index first), so exactly ``k`` entries per row are marked.
+    """
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k <= 0 or scores.numel() == 0:
+        return mask
+    idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+    return mask.scatter_(1, idx, True)
+
+
+def lowest_k_mask(scores: Tensor, k: int) -> Tensor:
+    """Mark the ``k`` lowest scores of the whole tensor.
+
+    Parameters
+    ----------
+    scores : Tensor, any shape
+        Importance scores (lower = pruned first).
+    k : int
+        Number of entries to mark, ``0 <= k <= scores.numel()``.
+
+    Returns
+    -------
+    Tensor, bool, same shape as ``scores``
+        ``True`` at exactly ``k`` entries (stable tie-breaking in flattened order).
+    """
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
+        flat[idx] = True
+    return flat.view(scores.shape)
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """n:m mask: the ``n`` lowest scores in every group of ``m`` consecutive columns.
+
+    Parameters
+    ----------
+    scores : Tensor, shape ``[rows, cols]``
+        Importance scores; ``cols`` must be a multiple of ``m``.
+    n, m : int
+        ``0 < n < m``.
+
+    Returns
+    -------
+    Tensor, bool, shape ``[rows, cols]``
+        Exactly ``n`` ``True`` entries in every ``[row, g*m:(g+1)*m]`` group.
+    """
+    rows, cols = scores.shape
+    grouped = scores.reshape(rows, cols // m, m)
+    idx = torch.sort(grouped, dim=2, stable=True).indices[..., :n]
+    mask = torch.zeros(grouped.shape, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(2, idx, True).reshape(rows, cols)
+
+
+@dataclass
+class PruneSpec:
+    """What to prune and how much.
+
+    Parameters
+    ----------
+    sparsity : float
+        Target fraction of zeroed weights in ``[0, 1)``.  With ``rows`` it is the per-row
+        sparsity of the selected rows (or, for per-matrix magnitude, the sparsity of the
+        selected rows taken together); other rows are not counted and not touched.
+    prunen, prunem : int
+        n:m semi-structured sparsity: ``prunen`` zeros in every group of ``prunem``
+        consecutive input columns (e.g. ``2, 4``).  Both ``0`` (default) disables it;
+        otherwise ``0 < prunen < prunem`` and ``in % prunem == 0``.  ``sparsity`` must then be
+        ``0`` or ``prunen / prunem``.
+    rows : LongTensor of shape ``[r]``, bool tensor of shape ``[out]``, sequence of int, or None
+        Output rows (neurons) to prune.  ``None`` prunes every row.  Indices must be unique
+        and in ``[0, out)``.
+    wbits : int
+        Quantize the kept weights to ``wbits`` bits (asymmetric per-row min-max grid,
+        GPTQ-style, inside the SparseGPT loop).  ``>= 16`` means no quantization.  Only the
+        ``sparsegpt`` method supports ``wbits < 16``.
+    blocksize : int
+        SparseGPT column block size (default 128).  With n:m it must be a multiple of
+        ``prunem``.
+    percdamp : float
+        SparseGPT damping: ``percdamp * mean(diag(H))`` is added to the Hessian diagonal.
+    per_row : bool or None
+        Compare scores within each row (``True``) or over all pruned rows at once
+        (``False``).  ``None`` uses the method's default: magnitude per matrix, Wanda and
+        SparseGPT per row.  (The reference SparseGPT code thresholds over each column block
+        of all rows; ``per_row=False`` reproduces that, ``True`` makes the per-row sparsity
+        exact.)
+
+    Raises
+    ------
+    ValueError
+        For a sparsity outside ``[0, 1)``, a malformed n:m pattern, ``wbits < 1``,
+        ``blocksize < 1`` or a negative ``percdamp``.
+    """
+
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+    rows: Tensor | Sequence[int] | None = None
+    wbits: int = 16
+    blocksize: int = 128
+    percdamp: float = 0.01
+    per_row: bool | None = None
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+            raise ValueError(f"sparsity must be a float in [0, 1), got {s!r}")
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s!r}")
+        self.sparsity = float(s)
+        n, m = self.prunen, self.prunem
+        if not (isinstance(n, int) and isinstance(m, int)):
+            raise ValueError(f"prunen and prunem must be integers, got {n!r}:{m!r}")
+        if (n, m) != (0, 0):
+            if not 0 < n < m:
+                raise ValueError(
+                    f"malformed n:m sparsity {n}:{m}: need 0 < prunen < prunem "
+                    "(or prunen = prunem = 0 to disable)"
+                )
+            if self.sparsity != 0.0 and not math.isclose(self.sparsity, n / m, abs_tol=1e-9):
+                raise ValueError(
+                    f"sparsity={self.sparsity} contradicts the {n}:{m} pattern; "
+                    f"pass sparsity=0 or {n / m}"
+                )
+            if self.blocksize % m != 0:
+                raise ValueError(
+                    f"blocksize={self.blocksize} must be a multiple of prunem={m} for n:m"
+                )
+        if not isinstance(self.wbits, int) or self.wbits < 1:
+            raise ValueError(f"wbits must be a positive integer (>= 16: none), got {self.wbits!r}")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}")
+        if not self.percdamp >= 0:
+            raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
+
+    @property
+    def is_nm(self) -> bool:
+        """Whether n:m semi-structured sparsity is requested."""
+        return self.prunen > 0
+
+    @property
+    def quantize(self) -> bool:
+        """Whether quantization is requested (``wbits < 16``)."""
+        return self.wbits < 16
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether the spec leaves every weight unchanged (no pruning, no quantization)."""
+        return self.sparsity == 0.0 and not self.is_nm and not self.quantize
+
+    def resolve_rows(self, n_out: int, device: torch.device | str) -> Tensor | None:
+        """Validate ``rows`` against a weight with ``n_out`` rows.
+
+        Returns
+        -------
+        LongTensor of shape ``[r]`` on ``device`` (sorted, unique), or None for all rows.
+        """
+        rows = self.rows
+        if rows is None:
+            return None
+        rows = torch.as_tensor(rows, device=device)
+        if rows.dtype == torch.bool:
+            if rows.shape != (n_out,):
+                raise ValueError(
+                    f"boolean rows mask must have shape ({n_out},), got {tuple(rows.shape)}"
+                )
+            return rows.nonzero().flatten()
+        if rows.is_floating_point() or rows.is_complex() or rows.dim() != 1:
+            raise ValueError("rows must be a 1-D integer (LongTensor) index or a boolean mask")
+        rows = rows.long()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_out):
+            raise ValueError(
+                f"rows must lie in [0, {n_out}), got min {int(rows.min())}, max {int(rows.max())}"
+            )
+        rows = torch.sort(rows).values
+        if rows.numel() > 1 and bool((rows[1:] == rows[:-1]).any()):
+            raise ValueError("rows contains duplicate indices")
+        return rows
+
+
+@dataclass
+class PruneResult:
+    """Output of :meth:`Pruner.prune`.
+
+    Attributes
+    ----------
+    weight : Tensor, shape ``[out, in]``
+        The pruned (and possibly quantized) weight; same dtype and device as the input.
+    mask : Tensor, bool, shape ``[out, in]``
+        ``True`` where a weight was pruned (set to zero) by this call; all ``False`` on rows
+        that were not selected.
+    sparsity : float
+        Achieved fraction of exact zeros in the pruned rows of ``weight`` (includes weights
+        that were already zero).
+    time_s : float
+        Wall-clock seconds spent in :meth:`Pruner.prune`.
+    rows : LongTensor or None
+        The pruned rows (sorted), ``None`` for all.
+    stats : dict
+        Method-specific extras, e.g. ``mask_sparsity`` (fraction of ``mask`` over the pruned
+        rows), ``error`` (SparseGPT's summed OBS loss), ``dead_inputs``.
+    """
+
+    weight: Tensor
+    mask: Tensor
+    sparsity: float
+    time_s: float
+    rows: Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pruner(ABC):
+    """Base class: accumulate calibration statistics, then prune one weight matrix.
+
+    Parameters
+    ----------
+    d_in : int
+        Number of input features (columns of the weight).
+    device : torch.device or str, optional
+        Where calibration statistics are accumulated (default CPU).  Pruning runs on the
+        weight's device; statistics are moved there when needed.
+    dtype : torch.dtype
+        Accumulation (and, for SparseGPT, computation) dtype of the statistics.
+    """
+
+    #: Name used by :func:`~wasserstein_neurons.pruning.make_pruner`.
+    name: ClassVar[str] = ""
+    #: Whether ``wbits < 16`` is supported.
+    supports_quantization: ClassVar[bool] = False
+    #: Default of ``PruneSpec.per_row`` when it is None.
+    default_per_row: ClassVar[bool] = True
+    #: Whether :meth:`prune` needs :meth:`add_batch` to have been called.
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(d_in, int) or d_in < 1:
+            raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
+        self.d_in = d_in
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        #: Number of calibration tokens (rows of the flattened inputs) seen so far.
+        self.nsamples = 0
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def add_batch(self, x: Tensor) -> None:
+        """Accumulate calibration statistics from a batch of the layer's inputs.
+
+        Parameters
+        ----------
+        x : Tensor, shape ``[..., in]``
+            Inputs of the linear layer, e.g. ``[batch, seq, in]`` or ``[tokens, in]``; every
+            leading index is one token.  Moved to ``self.device`` / ``self.dtype``.
+        """
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"expected inputs with last dimension {self.d_in}, got {tuple(x.shape)}"
+            )
+        x = x.detach().reshape(-1, self.d_in).to(device=self.device, dtype=self.dtype)
+        if x.shape[0] == 0:
+            return
+        self._accumulate(x)
+        self.nsamples += x.shape[0]
+
+    def _accumulate(self, x: Tensor) -> None:  # noqa: B027 - optional hook
+        """Update the statistics with ``x: [tokens, in]`` (before ``nsamples`` is increased)."""
+
+    def reset(self) -> None:
+        """Forget all calibration statistics."""
+        self.nsamples = 0
+
+    # ------------------------------------------------------------------ pruning
+    @torch.no_grad()
+    def prune(
+        self,
+        weight: Tensor,
+        spec: PruneSpec | None = None,
+        *,
+        inplace: bool = False,
+        **spec_kwargs: Any,
+    ) -> PruneResult:
+        """Prune ``weight`` according to ``spec``.
+
+        Parameters
+        ----------
+        weight : Tensor, shape ``[out, in]``
+            Weight in ``nn.Linear`` layout (transpose GPT-2 ``Conv1D`` weights first).
+        spec : PruneSpec, optional
+            What to prune; alternatively pass its fields as keyword arguments
+            (``prune(W, sparsity=0.5)``).
+        inplace : bool
+            Write the result into ``weight`` (only the pruned rows change) and return it as
+            ``result.weight``.  Default: ``weight`` is not modified.
+
+        Returns
+        -------
+        PruneResult
+        """
+        t0 = time.perf_counter()
+        if spec is None:
+            spec = PruneSpec(**spec_kwargs)
+        elif spec_kwargs:
+            raise TypeError("pass either a PruneSpec or its fields as keywords, not both")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        n_out, n_in = weight.shape
+        if n_in != self.d_in:
+            raise ValueError(
+                f"weight has {n_in} input columns but the pruner was built for "
+                f"d_in={self.d_in} (is the weight transposed?)"
+            )
+        if spec.is_nm and n_in % spec.prunem != 0:
+            raise ValueError(f"n:m sparsity needs in % m == 0, got in={n_in}, m={spec.prunem}")
+        if spec.quantize and not self.supports_quantization:
+            raise ValueError(
+                f"method {self.name!r} does not support wbits={spec.wbits} "
+                "(only 'sparsegpt' quantizes); use wbits=16"
+            )
+        rows = spec.resolve_rows(n_out, weight.device)
+        sub = weight if rows is None else weight[rows]
+        stats: dict[str, Any] = {}
+        if spec.is_identity or sub.shape[0] == 0:
+            new_sub = sub.clone()
+            mask_sub = torch.zeros(sub.shape, dtype=torch.bool, device=weight.device)
+        else:
+            if self.needs_calibration and self.nsamples == 0:
+                raise RuntimeError(f"{self.name}: no calibration data; call add_batch() first")
+            new_sub, mask_sub, stats = self._prune_rows(sub, spec)
+            new_sub = new_sub.to(dtype=weight.dtype)
+
+        out = weight if inplace else (new_sub if rows is None else weight.clone())
+        if rows is None:
+            if inplace:
+                out.copy_(new_sub)
+            mask = mask_sub
+        else:
+            out[rows] = new_sub
+            mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+            mask[rows] = mask_sub
+        n_cand = max(new_sub.numel(), 1)
+        stats["mask_sparsity"] = float(mask_sub.sum()) / n_cand
+        return PruneResult(
+            weight=out,
+            mask=mask,
+            sparsity=float((new_sub == 0).sum()) / n_cand,
+            time_s=time.perf_counter() - t0,
+            rows=rows,
+            stats=stats,
+        )
+
+    def _per_row(self, spec: PruneSpec) -> bool:
+        return self.default_per_row if spec.per_row is None else bool(spec.per_row)
+
+    @abstractmethod
+    def _prune_rows(self, w: Tensor, spec: PruneSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Prune every row of ``w: [r, in]``.
+
+        Returns the new rows (any float dtype, same device, a new tensor), the bool mask
+        ``[r, in]`` of pruned entries, and a dict of extra statistics.
+        """
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(d_in={self.d_in}, device={str(self.device)!r}, "
+            f"nsamples={self.nsamples})"
+        )

@@ -1,0 +1,208 @@
+r"""SparseGPT: one-shot OBS pruning with lazy column-block updates (Frantar & Alistarh, 2023).
+
+Problem: for a layer :math:`y = W x` with calibration inputs :math:`X \in \mathbb{R}^{d_{in}
+\times N}`, find a sparse :math:`\hat W` minimising :math:`\lVert (W - \hat W) X \rVert_F^2`.
+The loss is a sum of independent row problems sharing the Hessian
+
+.. math:: H = \frac{2}{N} X X^\top \in \mathbb{R}^{d_{in} \times d_{in}}.
+
+Columns are processed left to right.  With :math:`F = \{q, \dots, d_{in}-1\}` the columns not
+yet processed, pruning (or quantizing) weight :math:`w_q` of a row to :math:`\hat w_q` and
+updating the remaining weights of that row optimally (Optimal Brain Surgeon) gives
+
+.. math::
+
+    \delta_F = -\frac{w_q - \hat w_q}{[H_F^{-1}]_{qq}} \, [H_F^{-1}]_{q,:},
+    \qquad \text{loss} = \frac{(w_q - \hat w_q)^2}{2 [H_F^{-1}]_{qq}}.
+
+All the :math:`H_F^{-1}` rows needed are read off one upper Cholesky factor
+:math:`H^{-1} = U^\top U`: :math:`U_{q,q:} = [H_F^{-1}]_{q,:} / \sqrt{[H_F^{-1}]_{qq}}`, so
+:math:`\delta_F = -\frac{w_q - \hat w_q}{U_{qq}} U_{q,q:}`.  Updates inside a block of
+``blocksize`` columns are applied immediately; those to later columns are accumulated and
+applied once per block (lazy batch update).  The mask of a block is chosen adaptively, at the
+start of the block, from the OBS saliency :math:`w_q^2 / [H_F^{-1}]_{qq} = w_q^2 / U_{qq}^2`
+of the current (already updated) weights; for n:m it is chosen every ``m`` columns.
+
+References
+----------
+E. Frantar, D. Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot", ICML 2023, arXiv:2301.00774.  E. Frantar et al., "GPTQ", ICLR 2023,
+arXiv:2210.17323 (quantization inside the loop).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Pruner, PruneSpec, lowest_k_mask, lowest_k_mask_per_row, n_to_prune, nm_mask
+from .quantize import minmax_params, quantize_dequantize
+
+__all__ = ["SparseGPTPruner"]
+
+
+class SparseGPTPruner(Pruner):
+    r"""SparseGPT pruner (optionally with GPTQ-style quantization).
+
+    Calibration (:meth:`add_batch`) accumulates :math:`H = \frac{2}{N} \sum_t x_t x_t^\top`
+    as a running mean (``H <- H * N0/N + (2/N) X_b^T X_b``), so its scale does not grow with
+    ``N`` and float32 accumulation stays well conditioned.
+
+    Pruning (:meth:`~wasserstein_neurons.pruning.base.Pruner.prune`):
+
+    1. dead inputs (:math:`H_{jj} = 0`) get :math:`H_{jj} = 1` and :math:`W_{:,j} = 0`;
+    2. damping: :math:`H \mathrel{+}= \text{percdamp} \cdot \mathrm{mean}(\mathrm{diag}\,H)\, I`;
+    3. :math:`H^{-1}` via Cholesky, then its upper Cholesky factor :math:`U`;
+    4. for each block of ``blocksize`` columns: choose the mask (unstructured: the
+       :math:`k_b` lowest saliencies :math:`w^2/U_{qq}^2` of each row, where
+       :math:`k_b = \mathrm{round}(s \cdot i_2) - \mathrm{round}(s \cdot i_1)` makes every
+       row's total exactly :math:`\mathrm{round}(s \cdot d_{in})`; with ``per_row=False`` one
+       threshold over the block of all rows, as in the reference code; n:m: the ``n`` lowest of
+       every ``m`` columns, chosen when the group is reached), then for each column: set the
+       pruned entries to 0, quantize the others if ``wbits < 16``, and apply the OBS update to
+       the block's remaining columns; finally propagate the block's errors to later columns.
+
+    With ``rows`` only the selected rows' sub-matrix is processed: the OBS update of a row
+    touches only that row, so this is exactly what pruning the full matrix would do to those
+    rows.  Computation happens on the weight's device in ``dtype`` (the Hessian's dtype).
+
+    Parameters
+    ----------
+    d_in : int
+        Input features.
+    device : torch.device or str, optional
+        Where the Hessian is accumulated.
+    dtype : torch.dtype
+        Accumulation and computation dtype (default float32 like the reference; float64 for
+        checks or badly conditioned Hessians).
+    """
+
+    name = "sparsegpt"
+    supports_quantization = True
+    default_per_row = True
+
+    def __init__(
+        self,
+        d_in: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(d_in, device, dtype)
+        #: Hessian ``2/N X X^T``, shape ``[in, in]``.
+        self.H = torch.zeros(d_in, d_in, device=self.device, dtype=dtype)
+
+    @classmethod
+    def from_hessian(
+        cls, H: Tensor, nsamples: int = 1, dtype: torch.dtype | None = None
+    ) -> SparseGPTPruner:
+        r"""Build a pruner from a precomputed Hessian (e.g. :math:`\frac{2}{N} X_c^\top X_c` of one
+        cluster).
+
+        Parameters
+        ----------
+        H : Tensor, shape ``[in, in]``
+            Symmetric positive semi-definite matrix; only its ratios matter (damping is
+            relative to its mean diagonal).
+        nsamples : int
+            Number of tokens it summarises (used if more batches are added later).
+        dtype : torch.dtype, optional
+            Defaults to ``H.dtype`` promoted to at least float32.
+        """
+        if H.dim() != 2 or H.shape[0] != H.shape[1]:
+            raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
+        dtype = dtype or torch.promote_types(H.dtype, torch.float32)
+        pruner = cls(H.shape[0], device=H.device, dtype=dtype)
+        pruner.H.copy_(H)
+        pruner.nsamples = int(nsamples)
+        return pruner
+
+    def _accumulate(self, x: Tensor) -> None:
+        # H_N = H_{N0} * N0 / N + (2 / N) x^T x   (x: [tokens, in])
+        n_new = self.nsamples + x.shape[0]
+        self.H.addmm_(x.T, x, beta=self.nsamples / n_new, alpha=2.0 / n_new)
+
+    def reset(self) -> None:
+        super().reset()
+        self.H.zero_()
+
+    def _inverse_cholesky(self, H: Tensor, percdamp: float) -> Tensor:
+        """Damp ``H`` in place and return the upper Cholesky factor ``U`` of ``H^-1``."""
+        diag = torch.arange(H.shape[0], device=H.device)
+        H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            raise RuntimeError(
+                "sparsegpt: the damped Hessian is not positive definite "
+                f"(Cholesky failed at column {int(info)}); increase percdamp, use more "
+                "calibration tokens, or dtype=torch.float64"
+            )
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if int(info) != 0:
+            raise RuntimeError(
+                "sparsegpt: Cholesky factorisation of H^-1 failed; increase percdamp"
+            )
+        return U
+
+    def _prune_rows(self, w: Tensor, spec: PruneSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        dev, dt = w.device, self.dtype
+        W = w.to(dtype=dt).clone()  # [r, in]
+        r, ncols = W.shape
+        H = self.H.to(device=dev, dtype=dt).clone()  # [in, in]
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        U = self._inverse_cholesky(H, spec.percdamp)
+        del H
+
+        if spec.quantize:
+            scale, zero, maxq = minmax_params(W, spec.wbits)  # [r, 1] each
+        s, n, m, bs = spec.sparsity, spec.prunen, spec.prunem, spec.blocksize
+        per_row = self._per_row(spec)
+        mask = torch.zeros(r, ncols, dtype=torch.bool, device=dev)
+        losses = torch.zeros(r, dtype=dt, device=dev)
+
+        for i1 in range(0, ncols, bs):
+            i2 = min(i1 + bs, ncols)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()  # [r, count]
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            d = torch.diag(U1)  # U_qq, with U_qq^2 = [H_F^-1]_qq
+            mask1 = torch.zeros(r, count, dtype=torch.bool, device=dev)
+            if not spec.is_nm and s > 0:
+                saliency = W1.square() / d.square()
+                if per_row:
+                    k = n_to_prune(s, i2) - n_to_prune(s, i1)
+                    mask1 = lowest_k_mask_per_row(saliency, min(k, count))
+                else:
+                    k = n_to_prune(s, r * i2) - n_to_prune(s, r * i1)
+                    mask1 = lowest_k_mask(saliency, min(k, r * count))
+            for i in range(count):
+                if spec.is_nm and i % m == 0:
+                    saliency = W1[:, i : i + m].square() / d[i : i + m].square()
+                    mask1[:, i : i + m] = nm_mask(saliency, n, m)
+                col = W1[:, i]
+                q = col.masked_fill(mask1[:, i], 0)
+                if spec.quantize:
+                    q = quantize_dequantize(q.unsqueeze(1), scale, zero, maxq).squeeze(1)
+                    q = q.masked_fill(mask1[:, i], 0)
+                Q1[:, i] = q
+                err = (col - q) / d[i]  # [r]
+                losses += err.square() / 2
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i1:i2] = Q1
+            mask[:, i1:i2] = mask1
+            if i2 < ncols:
+                W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+        mask |= dead.unsqueeze(0) & (w != 0)
+        stats = {
+            "error": float(losses.sum()),
+            "dead_inputs": int(dead.sum()),
+            "nsamples": self.nsamples,
+        }
+        return W, mask, stats

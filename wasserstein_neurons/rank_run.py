@@ -1,0 +1,144 @@
+"""The ``rank`` workflow: capture → W1 per neuron → tables, contexts and plots in a run folder.
+
+Outputs in ``cfg.out``:
+
+``neurons.csv`` / ``.parquet``   one row per (hook, neuron): ``layer, hook, neuron, wd, mean, std,
+                                 skew, kurtosis, n_tokens, constant, wd_rank, is_top``
+``top_neurons.csv``              the top-p% WD neurons of every hook
+``top_contexts.csv``             top-activating tokens (both tails) of each hook's strongest
+                                 Wasserstein neurons
+``wd_by_layer.png``, ``layer_<l>_grid.png``, ``top_neuron.png``
+``activations/``                 the activation store (reopen with ``ActivationStore.open``)
+``config.json``                  this config, model, corpus, token count, versions; written last
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import plotting
+from .capture import ActivationStore, capture_activations, remove_store
+from .data import load_tokens, sample_windows
+from .models import DEFAULT_MODEL, load_model
+from .ranking import check_percent, rank_store, top_activating_contexts, top_neurons
+from .runs import prepare_run_dir, save_table, write_run_config
+from .wasserstein import METHODS
+
+
+@dataclass
+class RankConfig:
+    """Knobs of a ``rank`` run (CLI flags of the same names)."""
+
+    out: str = "runs/rank"
+    model: str = DEFAULT_MODEL
+    dataset: str = "embedded"
+    tokens: int = 32768
+    seqlen: int = 512
+    batch_size: int = 8
+    hooks: str = "blocks.*.mlp.hook_pre"
+    top_percent: float = 3.0
+    method: str = "exact"
+    device: str = "cpu"
+    dtype: str = "float32"
+    store_dtype: str = "float16"
+    seed: int = 0
+    contexts_per_hook: int = 3
+    keep_activations: bool = True
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        check_percent(self.top_percent)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.tokens < self.seqlen:
+            raise ValueError(f"--tokens ({self.tokens}) must be at least --seqlen ({self.seqlen})")
+
+
+@dataclass
+class RankResult:
+    out: Path
+    table: pd.DataFrame
+    top: pd.DataFrame
+    contexts: pd.DataFrame
+    store: ActivationStore | None
+    seconds: dict
+
+
+def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
+    """Run the whole ranking workflow; ``model`` (a ``LoadedModel``) skips loading."""
+    cfg.validate()
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
+    windows = sample_windows(tokens, cfg.tokens, cfg.seqlen, seed=cfg.seed)
+    store = capture_activations(model, windows, out / "activations", hooks=cfg.hooks,
+                                batch_size=cfg.batch_size, dtype=cfg.store_dtype,
+                                overwrite=True, progress=progress)
+    seconds["capture"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    table = rank_store(store, method=cfg.method, device=cfg.device, progress=progress)
+    top = top_neurons(table, cfg.top_percent)
+    key = ["hook", "neuron"]
+    table["is_top"] = pd.MultiIndex.from_frame(table[key]).isin(pd.MultiIndex.from_frame(top[key]))
+    seconds["rank"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    contexts = pd.concat(
+        [top_activating_contexts(store, model.tokenizer, hook,
+                                 group.nlargest(cfg.contexts_per_hook, "wd")["neuron"].to_numpy())
+         for hook, group in top.groupby("hook", sort=False)],
+        ignore_index=True,
+    )
+    save_table(table, out, "neurons")
+    save_table(top, out, "top_neurons")
+    contexts.to_csv(out / "top_contexts.csv", index=False)
+    _save_plots(out, store, table, cfg.top_percent)
+    seconds["report"] = time.perf_counter() - t0
+
+    if not cfg.keep_activations:
+        remove_store(out / "activations")
+        store = None
+    write_run_config(out, {
+        "command": "rank",
+        "config": asdict(cfg),
+        "model": {"name": model.name, "family": model.adapter.family,
+                  "n_layers": model.adapter.n_layers, "d_mlp": model.adapter.d_mlp},
+        "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
+        "n_tokens": int(windows.numel()),
+        "hooks": table["hook"].unique().tolist(),
+        "seconds": seconds,
+    })
+    return RankResult(out=out, table=table, top=top, contexts=contexts, store=store,
+                      seconds=seconds)
+
+
+def _plot_layers(hooks: list[str]) -> list[str]:
+    if len(hooks) <= 3:
+        return hooks
+    return [hooks[0], hooks[len(hooks) // 2], hooks[-1]]
+
+
+def _save_plots(out: Path, store: ActivationStore, table: pd.DataFrame,
+                top_percent: float) -> None:
+    plotting.save_figure(plotting.plot_wd_by_layer(table, top_percent), out / "wd_by_layer.png")
+    hooks = list(dict.fromkeys(table.sort_values("layer")["hook"]))
+    for hook in _plot_layers(hooks):
+        fig = plotting.plot_layer_grid(store.array(hook), table, hook)
+        plotting.save_figure(fig, out / f"{hook.replace('.', '_')}_grid.png")
+    best = table.loc[table["wd"].idxmax()]
+    values = np.asarray(store.array(best["hook"])[:, int(best["neuron"])], dtype=np.float64)
+    fig = plotting.plot_neuron_histogram(values, wd=best["wd"],
+                                         title=f"{best['hook']} neuron {int(best['neuron'])}")
+    plotting.save_figure(fig, out / "top_neuron.png")
