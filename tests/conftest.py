@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Neurons in language models respond to "
@@ -38,8 +38,11 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([TINY_TEXT], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
     _TOKENIZER_DIR.append(tempfile.mkdtemp(prefix="wn-tiny-tokenizer-"))
@@ -51,16 +54,33 @@ def make_config(family: str, vocab_size: int, n_layers: int = 2):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=n_layers, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
     if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=n_layers, num_attention_heads=4,
-                             max_position_embeddings=256)
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=128, n_layer=n_layers,
-                          n_head=4, n_positions=256)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_inner=128,
+            n_layer=n_layers,
+            n_head=4,
+            n_positions=256,
+        )
     raise ValueError(family)
 
 

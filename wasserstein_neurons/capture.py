@@ -16,7 +16,8 @@ Store layout (``store_dir``)::
 Hook names
 ----------
 ``hooks`` accepts exact TransformerLens names (``blocks.3.mlp.hook_pre``), ``fnmatch`` patterns
-(``blocks.*.mlp.hook_pre_linear``), or a bare hook kind (``hook_pre`` means ``blocks.*.mlp.hook_pre``).
+(``blocks.*.mlp.hook_pre_linear``), or a bare hook kind (``hook_pre`` means
+``blocks.*.mlp.hook_pre``).
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ def resolve_hook_names(bridge, hooks: str | Sequence[str] | None = None) -> list
             pattern = f"blocks.*.mlp.{pattern}"
         matches = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
         if not matches:
-            kinds = sorted({n.split(".", 2)[2] for n in available
-                            if n.startswith("blocks.0.mlp.") and n.count(".") == 3})
+            kinds = sorted(
+                {
+                    n.rsplit(".", 1)[1]
+                    for n in available
+                    if n.startswith("blocks.0.mlp.") and n.count(".") == 3
+                }
+            )
             raise ValueError(
                 f"unknown hook {pattern!r}; valid MLP hooks are blocks.<layer>.mlp.<kind> with "
                 f"layer in 0..{bridge.cfg.n_layers - 1} and kind in {', '.join(kinds)} "
@@ -130,8 +136,11 @@ class _NpyStreamWriter:
         self.path, self.rows, self.cols, self.dtype = path, rows, cols, np.dtype(dtype)
         self.written = 0
         self.file = open(path, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (rows, cols)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (rows, cols),
+        }
         np.lib.format.write_array_header_1_0(self.file, header)
 
     def write(self, chunk: np.ndarray) -> None:
@@ -231,11 +240,11 @@ def capture_activations(
     stop = last_layer + 1 if 0 <= last_layer < bridge.cfg.n_layers - 1 else None
     device = model.device
     try:
-        for start in tqdm(range(0, n_windows, batch_size), desc="capture", unit="batch",
-                          disable=not progress):
-            batch = windows[start:start + batch_size].to(device)
-            bridge.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None,
-                                  stop_at_layer=stop)
+        for start in tqdm(
+            range(0, n_windows, batch_size), desc="capture", unit="batch", disable=not progress
+        ):
+            batch = windows[start : start + batch_size].to(device)
+            bridge.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop)
     finally:
         for writer in writers.values():
             writer.file.close()

@@ -69,8 +69,11 @@ def embedded_documents() -> dict[str, str]:
     """``{title: extract}`` for every article of the embedded corpus."""
     with open(embedded_corpus_path(), encoding="utf-8") as f:
         raw = json.load(f)
-    return {title: entry["extract"].strip() for title, entry in raw.items()
-            if entry.get("extract", "").strip()}
+    return {
+        title: entry["extract"].strip()
+        for title, entry in raw.items()
+        if entry.get("extract", "").strip()
+    }
 
 
 def text_file_documents(path: str | Path) -> dict[str, str]:
@@ -84,8 +87,9 @@ def wikitext2_text(split: str) -> str:
     """WikiText-2 raw, ``train`` (calibration) or ``test`` (evaluation), joined by blank lines."""
     _check_split(split)
     if importlib.util.find_spec("datasets") is None:
-        raise CorpusError("WikiText-2 needs the 'datasets' package: "
-                          "pip install 'wasserstein_neurons[datasets]'")
+        raise CorpusError(
+            "WikiText-2 needs the 'datasets' package: pip install 'wasserstein_neurons[datasets]'"
+        )
     import datasets
 
     hf_split = "train" if split == "calibration" else "test"
@@ -136,8 +140,9 @@ def _check_window_args(n_tokens: int, seqlen: int, what: str) -> None:
         )
 
 
-def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int,
-                        seed: int = 0) -> torch.Tensor:
+def calibration_windows(
+    tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
     """``nsamples`` random windows ``[nsamples, seqlen]`` with seeded start positions.
 
     Windows may overlap (as in the SparseGPT / Wanda calibration protocol). The draw depends only
@@ -148,11 +153,12 @@ def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int,
     _check_window_args(len(tokens), seqlen, f"{nsamples} calibration windows")
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(tokens) - seqlen + 1, size=nsamples)
-    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
-def evaluation_windows(tokens: torch.Tensor, seqlen: int,
-                       max_tokens: int | None = None) -> torch.Tensor:
+def evaluation_windows(
+    tokens: torch.Tensor, seqlen: int, max_tokens: int | None = None
+) -> torch.Tensor:
     """Consecutive non-overlapping windows ``[n_windows, seqlen]`` from the start of ``tokens``.
 
     ``max_tokens`` caps the number of scored tokens (rounded down to whole windows); a remainder

@@ -250,8 +250,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(names)}")
     return names[dtype]
@@ -270,8 +276,9 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
         )
     source = Path(spec.submodule_search_locations[0])
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError("reading the embedded GGUF model needs the 'gguf' package: "
-                             "pip install gguf")
+        raise ModelLoadError(
+            "reading the embedded GGUF model needs the 'gguf' package: pip install gguf"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -306,8 +313,9 @@ def _from_pretrained(name: str, dtype: torch.dtype):
     if local.exists() and not (local / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is a local path but holds no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else name,
-                                                     dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.exists() else name, dtype=dtype
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

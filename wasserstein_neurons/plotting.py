@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy.stats import norm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -28,8 +25,9 @@ def _zscore(values) -> np.ndarray:
     return (x - x.mean()) / std if std > 0 else x - x.mean()
 
 
-def plot_neuron_histogram(values, wd: float | None = None, title: str = "", ax=None,
-                          bins: int = 120, color: str = "C0"):
+def plot_neuron_histogram(
+    values, wd: float | None = None, title: str = "", ax=None, bins: int = 120, color: str = "C0"
+):
     """Histogram of one neuron's z-scored outputs ``[tokens]`` with the N(0, 1) density."""
     fig = None
     if ax is None:
@@ -37,8 +35,15 @@ def plot_neuron_histogram(values, wd: float | None = None, title: str = "", ax=N
     z = _zscore(values)
     lo, hi = np.percentile(z, [0.05, 99.95])
     lo, hi = min(lo, -4.0), max(hi, 4.0)
-    ax.hist(z, bins=bins, range=(lo, hi), density=True, color=color, alpha=0.7,
-            label="neuron (z-scored)")
+    ax.hist(
+        z,
+        bins=bins,
+        range=(lo, hi),
+        density=True,
+        color=color,
+        alpha=0.7,
+        label="neuron (z-scored)",
+    )
     grid = np.linspace(lo, hi, 400)
     ax.plot(grid, norm.pdf(grid), "k--", lw=1.2, label="N(0, 1)")
     label = title + (f"  WD={wd:.3f}" if wd is not None and np.isfinite(wd) else "")
@@ -58,7 +63,9 @@ def plot_layer_grid(activations, table: pd.DataFrame, hook: str, per_group: int 
     mid = n // 2
     groups = {
         "top": rows.iloc[:per_group],
-        "median": rows.iloc[max(0, mid - per_group // 2): max(0, mid - per_group // 2) + per_group],
+        "median": rows.iloc[
+            max(0, mid - per_group // 2) : max(0, mid - per_group // 2) + per_group
+        ],
         "bottom": rows.iloc[-per_group:],
     }
     fig, axes = plt.subplots(3, per_group, figsize=(3.4 * per_group, 7.5), squeeze=False)
@@ -70,9 +77,14 @@ def plot_layer_grid(activations, table: pd.DataFrame, hook: str, per_group: int 
                 continue
             row = group.iloc[c]
             values = np.asarray(activations[:, int(row["neuron"])], dtype=np.float64)
-            plot_neuron_histogram(values, wd=row["wd"], ax=ax, bins=80,
-                                  title=f"{name}: neuron {int(row['neuron'])}",
-                                  color={"top": "C3", "median": "C0", "bottom": "C2"}[name])
+            plot_neuron_histogram(
+                values,
+                wd=row["wd"],
+                ax=ax,
+                bins=80,
+                title=f"{name}: neuron {int(row['neuron'])}",
+                color={"top": "C3", "median": "C0", "bottom": "C2"}[name],
+            )
     fig.suptitle(hook)
     fig.tight_layout()
     return fig
@@ -86,8 +98,9 @@ def plot_wd_by_layer(table: pd.DataFrame, top_percent: float | None = 3.0):
     ax.boxplot(data, showfliers=True, flierprops=dict(markersize=2, alpha=0.4))
     if top_percent is not None:
         cut = [np.percentile(d, 100 - top_percent) if len(d) else np.nan for d in data]
-        ax.plot(np.arange(1, len(hooks) + 1), cut, "r.-", lw=1,
-                label=f"top {top_percent:g}% threshold")
+        ax.plot(
+            np.arange(1, len(hooks) + 1), cut, "r.-", lw=1, label=f"top {top_percent:g}% threshold"
+        )
         ax.legend(fontsize=8)
     labels = [h.replace("blocks.", "").replace(".mlp.", " ") for h in hooks]
     ax.set_xticks(np.arange(1, len(hooks) + 1), labels, rotation=90, fontsize=7)

@@ -82,13 +82,20 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     t0 = time.perf_counter()
     tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
     windows = sample_windows(tokens, cfg.tokens, cfg.seqlen, seed=cfg.seed)
-    store = capture_activations(model, windows, out / "activations", hooks=cfg.hooks,
-                                batch_size=cfg.batch_size, dtype=cfg.store_dtype,
-                                overwrite=True, progress=progress)
+    store = capture_activations(
+        model,
+        windows,
+        out / "activations",
+        hooks=cfg.hooks,
+        batch_size=cfg.batch_size,
+        dtype=cfg.store_dtype,
+        overwrite=True,
+        progress=progress,
+    )
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    table = rank_store(store, method=cfg.method, device=cfg.device, progress=progress)
+    table = rank_store(store, method=cfg.method, progress=progress)
     top = top_neurons(table, cfg.top_percent)
     key = ["hook", "neuron"]
     table["is_top"] = pd.MultiIndex.from_frame(table[key]).isin(pd.MultiIndex.from_frame(top[key]))
@@ -96,9 +103,15 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
 
     t0 = time.perf_counter()
     contexts = pd.concat(
-        [top_activating_contexts(store, model.tokenizer, hook,
-                                 group.nlargest(cfg.contexts_per_hook, "wd")["neuron"].to_numpy())
-         for hook, group in top.groupby("hook", sort=False)],
+        [
+            top_activating_contexts(
+                store,
+                model.tokenizer,
+                hook,
+                group.nlargest(cfg.contexts_per_hook, "wd")["neuron"].to_numpy(),
+            )
+            for hook, group in top.groupby("hook", sort=False)
+        ],
         ignore_index=True,
     )
     save_table(table, out, "neurons")
@@ -110,18 +123,26 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     if not cfg.keep_activations:
         remove_store(out / "activations")
         store = None
-    write_run_config(out, {
-        "command": "rank",
-        "config": asdict(cfg),
-        "model": {"name": model.name, "family": model.adapter.family,
-                  "n_layers": model.adapter.n_layers, "d_mlp": model.adapter.d_mlp},
-        "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
-        "n_tokens": int(windows.numel()),
-        "hooks": table["hook"].unique().tolist(),
-        "seconds": seconds,
-    })
-    return RankResult(out=out, table=table, top=top, contexts=contexts, store=store,
-                      seconds=seconds)
+    write_run_config(
+        out,
+        {
+            "command": "rank",
+            "config": asdict(cfg),
+            "model": {
+                "name": model.name,
+                "family": model.adapter.family,
+                "n_layers": model.adapter.n_layers,
+                "d_mlp": model.adapter.d_mlp,
+            },
+            "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
+            "n_tokens": int(windows.numel()),
+            "hooks": table["hook"].unique().tolist(),
+            "seconds": seconds,
+        },
+    )
+    return RankResult(
+        out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
+    )
 
 
 def _plot_layers(hooks: list[str]) -> list[str]:
@@ -130,8 +151,7 @@ def _plot_layers(hooks: list[str]) -> list[str]:
     return [hooks[0], hooks[len(hooks) // 2], hooks[-1]]
 
 
-def _save_plots(out: Path, store: ActivationStore, table: pd.DataFrame,
-                top_percent: float) -> None:
+def _save_plots(out: Path, store: ActivationStore, table: pd.DataFrame, top_percent: float) -> None:
     plotting.save_figure(plotting.plot_wd_by_layer(table, top_percent), out / "wd_by_layer.png")
     hooks = list(dict.fromkeys(table.sort_values("layer")["hook"]))
     for hook in _plot_layers(hooks):
@@ -139,6 +159,7 @@ def _save_plots(out: Path, store: ActivationStore, table: pd.DataFrame,
         plotting.save_figure(fig, out / f"{hook.replace('.', '_')}_grid.png")
     best = table.loc[table["wd"].idxmax()]
     values = np.asarray(store.array(best["hook"])[:, int(best["neuron"])], dtype=np.float64)
-    fig = plotting.plot_neuron_histogram(values, wd=best["wd"],
-                                         title=f"{best['hook']} neuron {int(best['neuron'])}")
+    fig = plotting.plot_neuron_histogram(
+        values, wd=best["wd"], title=f"{best['hook']} neuron {int(best['neuron'])}"
+    )
     plotting.save_figure(fig, out / "top_neuron.png")

@@ -15,8 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 CONFIG_FILE = "config.json"
-_VERSIONED = ("wasserstein_neurons", "torch", "transformer-lens", "transformers", "numpy",
-              "scipy", "pandas", "pot")
+_VERSIONED = (
+    "wasserstein_neurons",
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pot",
+)
 
 
 class RunExistsError(FileExistsError):

@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +91,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SORT_COLS = 64
 # Target number of float64 elements of the per-row-block temporaries (~1 MiB, L2-sized).
 _ROW_BLOCK_ELEMS = 1 << 17
-# Default memory budget of one block, in elements (32 Mi float32 values = 128 MiB).
-_BLOCK_ELEMS = 1 << 23
+# Default size of one block read from an np.memmap, in elements (16 Mi values).
+_MEMMAP_BLOCK_ELEMS = 1 << 24
 
 
 def _phi(x: np.ndarray) -> np.ndarray:
@@ -228,12 +228,15 @@ def _default_threads(num_threads: int | None) -> int:
     return max(1, min(cpus, 8))
 
 
-def _default_chunk(n_tokens: int, neuron_chunk: int | None) -> int:
+def _default_chunk(src: Any, n_tokens: int, neuron_chunk: int | None) -> int:
     if neuron_chunk is not None:
         if neuron_chunk < 1:
             raise ValueError(f"neuron_chunk must be >= 1, got {neuron_chunk}")
         return int(neuron_chunk)
-    return max(8, min(256, _BLOCK_ELEMS // max(n_tokens, 1)))
+    if isinstance(src, np.memmap):
+        # few, large reads of a disk-backed array: ~16 Mi values (64 MiB float32) per block
+        return max(_SORT_COLS, min(1024, _MEMMAP_BLOCK_ELEMS // max(n_tokens, 1)))
+    return _SORT_COLS
 
 
 def _map_blocks(
@@ -251,7 +254,7 @@ def _map_blocks(
     else:
         with ThreadPoolExecutor(max_workers=min(num_threads, len(bounds))) as pool:
             parts = list(pool.map(lambda b: fn(*b), bounds))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return _concat(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +278,14 @@ def _sorted_moments(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     s2 = np.zeros(c)
     step = _row_step(c)
     buf = np.empty((min(step, n), c))
+    ones = np.ones(min(step, n))  # column sums as BLAS gemv: ~3x faster than .sum(axis=0)
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
         y = buf[: r1 - r0]
         np.subtract(xs[r0:r1], pivot, out=y)
-        s1 += y.sum(axis=0)
+        s1 += ones[: r1 - r0] @ y
         np.multiply(y, y, out=y)
-        s2 += y.sum(axis=0)
+        s2 += ones[: r1 - r0] @ y
     m1 = s1 / n
     var = np.maximum(s2 / n - m1 * m1, 0.0)
     constant = xs[0] == xs[-1]
@@ -308,6 +312,7 @@ def _standardized_pass(
     step = _row_step(c)
     rows = min(step, n)
     buf = np.empty((rows, c))
+    ones = np.ones(rows)
     mask = np.empty((rows, c), dtype=bool) if pieces is not None else None
     tmp = np.empty((rows, c)) if higher else None
     l1 = np.zeros(c)
@@ -323,15 +328,15 @@ def _standardized_pass(
         if higher:
             t = tmp[: r1 - r0]
             np.multiply(z, z, out=t)
-            m2 += t.sum(axis=0)
+            m2 += ones[: r1 - r0] @ t
             np.multiply(t, t, out=t)
-            m4 += t.sum(axis=0)
+            m4 += ones[: r1 - r0] @ t
             np.multiply(z, z, out=t)
             np.multiply(t, z, out=t)
-            m3 += t.sum(axis=0)
+            m3 += ones[: r1 - r0] @ t
         np.subtract(z, ref[r0:r1, None], out=z)
         np.abs(z, out=z)  # z now holds d = |z - ref|
-        l1 += z.sum(axis=0)
+        l1 += ones[: r1 - r0] @ z
         if pieces is None:
             continue
         # Candidates: |z - mu_i| < b_i - a_i is necessary for a_i < z < b_i (mu_i lies in the
@@ -340,7 +345,7 @@ def _standardized_pass(
         np.less(z, pieces.width[r0:r1, None], out=mk)
         if not mk.any():
             continue
-        ii, jj = np.nonzero(mk)
+        ii, jj = np.divmod(np.flatnonzero(mk), c)  # (2-D np.nonzero is ~10x slower)
         d = z[ii, jj]
         zi = (xs[r0 + ii, jj] - mean[jj]) * inv_std[jj]
         gi = r0 + ii
@@ -360,10 +365,28 @@ def _standardized_pass(
     return out
 
 
-def _sort_block(blk: np.ndarray) -> None:
-    """Sort a contiguous ``[n, c]`` block along axis 0 in place, in cache-friendly column groups."""
+def _sorted_groups(blk: np.ndarray) -> Iterator[np.ndarray]:
+    """Yield the columns of a ``[n, c]`` block in groups of ``_SORT_COLS``, each sorted along
+    axis 0 as a contiguous array (sorting a contiguous ``[n, 64]`` array is several times faster
+    than sorting a strided view of a wider one). ``blk`` itself is reused when narrow enough.
+    """
+    if blk.shape[1] <= _SORT_COLS:
+        blk.sort(axis=0)
+        yield blk
+        return
     for k in range(0, blk.shape[1], _SORT_COLS):
-        blk[:, k : k + _SORT_COLS].sort(axis=0)
+        xs = np.array(blk[:, k : k + _SORT_COLS], order="C", copy=True)
+        xs.sort(axis=0)
+        yield xs
+
+
+def _quiet() -> np.errstate:
+    """Silence floating-point warnings from non-finite inputs (they propagate as NaN)."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _sorted_gaussian_sample(n: int, seed: int) -> np.ndarray:
@@ -484,7 +507,7 @@ def wasserstein_to_gaussian(
         return _exact_torch(src, dev, neuron_chunk)
 
     threads = _default_threads(num_threads)
-    chunk = _default_chunk(n, neuron_chunk)
+    chunk = _default_chunk(src, n, neuron_chunk)
     dtype = _work_dtype(src)
     if method == "exact":
         pieces = gaussian_quantile_pieces(n)
@@ -494,9 +517,7 @@ def wasserstein_to_gaussian(
         ref = _sorted_gaussian_sample(n, seed)
     ot = _import_pot() if method == "pot" else None
 
-    def block(j0: int, j1: int) -> dict[str, np.ndarray]:
-        xs = _read_block(src, j0, j1, dtype)
-        _sort_block(xs)
+    def group(xs: np.ndarray) -> dict[str, np.ndarray]:
         mean, std, constant = _sorted_moments(xs)
         if method == "pot":
             inv = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
@@ -507,6 +528,11 @@ def wasserstein_to_gaussian(
             return {"wd": wd}
         res = _standardized_pass(xs, mean, std, constant, ref, pieces, higher=False)
         return {"wd": res["l1"]}
+
+    def block(j0: int, j1: int) -> dict[str, np.ndarray]:
+        blk = _read_block(src, j0, j1, dtype)
+        with _quiet():  # NaN/inf values give NaN, silently
+            return _concat([group(xs) for xs in _sorted_groups(blk)])
 
     out = _map_blocks(block, n_neurons, chunk, threads)
     wd = out["wd"] if out else np.zeros(0)
@@ -557,7 +583,7 @@ def constant_neurons(activations: torch.Tensor | np.ndarray) -> torch.Tensor:
     """
     src = _as_source(activations, min_tokens=1)
     n, n_neurons = (int(s) for s in src.shape)
-    chunk = _default_chunk(n, None)
+    chunk = _default_chunk(src, n, None)
     dtype = _work_dtype(src)
     flags = []
     for j0 in range(0, n_neurons, chunk):
@@ -608,15 +634,13 @@ def neuron_statistics(
     src = _as_source(activations)
     n, n_neurons = (int(s) for s in src.shape)
     threads = _default_threads(num_threads)
-    chunk = _default_chunk(n, neuron_chunk)
+    chunk = _default_chunk(src, n, neuron_chunk)
     dtype = _work_dtype(src)
     pieces = gaussian_quantile_pieces(n)
     gauss = _sorted_gaussian_sample(n, seed) if method != "exact" else None
     ot = _import_pot() if method == "pot" else None
 
-    def block(j0: int, j1: int) -> dict[str, np.ndarray]:
-        xs = _read_block(src, j0, j1, dtype)
-        _sort_block(xs)
+    def group(xs: np.ndarray) -> dict[str, np.ndarray]:
         mean, std, constant = _sorted_moments(xs)
         # moments (and the exact WD, reused when method == "exact") in one pass
         res = _standardized_pass(xs, mean, std, constant, pieces.mu, pieces, higher=True)
@@ -640,6 +664,11 @@ def neuron_statistics(
             "max": xs[-1].astype(np.float64),
             "constant": constant,
         }
+
+    def block(j0: int, j1: int) -> dict[str, np.ndarray]:
+        blk = _read_block(src, j0, j1, dtype)
+        with _quiet():  # NaN/inf values give NaN, silently
+            return _concat([group(xs) for xs in _sorted_groups(blk)])
 
     out = _map_blocks(block, n_neurons, chunk, threads)
     if not out:
@@ -702,22 +731,27 @@ def wasserstein_between(
     iu = left // m  # index of the order statistic of u on each merged piece
     iv = left // n
     threads = _default_threads(num_threads)
-    chunk = _default_chunk(max(n, m), neuron_chunk)
+    chunk = _default_chunk(su, max(n, m), neuron_chunk)
     du, dv = _work_dtype(su), _work_dtype(sv)
 
-    def prep(src: Any, dtype: np.dtype, j0: int, j1: int) -> np.ndarray:
-        xs = _read_block(src, j0, j1, dtype)
-        _sort_block(xs)
-        xs = xs.astype(np.float64, copy=False)
+    def prep(xs: np.ndarray) -> np.ndarray:
         if standardize:
             mean, std, constant = _sorted_moments(xs)
-            xs = (xs - mean) / np.where(constant, np.nan, std)
-        return xs
+            return (xs - mean) / np.where(constant, np.nan, std)
+        return xs.astype(np.float64, copy=False)
 
     def block(j0: int, j1: int) -> dict[str, np.ndarray]:
-        xu = prep(su, du, j0, j1)
-        xv = prep(sv, dv, j0, j1)
-        return {"w": weights @ np.abs(xu[iu] - xv[iv])}
+        with _quiet():
+            return _between_block(j0, j1)
+
+    def _between_block(j0: int, j1: int) -> dict[str, np.ndarray]:
+        gu = _sorted_groups(_read_block(su, j0, j1, du))
+        gv = _sorted_groups(_read_block(sv, j0, j1, dv))
+        parts = []
+        for xu, xv in zip(gu, gv, strict=True):
+            # [K, c] quantile-function values of u and v on the merged pieces
+            parts.append(weights @ np.abs(prep(xu)[iu] - prep(xv)[iv]))
+        return {"w": np.concatenate(parts)}
 
     out = _map_blocks(block, n_neurons, chunk, threads)
     return torch.from_numpy(out["w"] if out else np.zeros(0))

@@ -1,0 +1,87 @@
+"""Streaming capture to disk: values, names, reopen, refusal to overwrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wasserstein_neurons.capture import (
+    ActivationStore,
+    StoreExistsError,
+    capture_activations,
+    resolve_hook_names,
+)
+
+
+def _direct(model, windows, hook):
+    seen = []
+    model.bridge.run_with_hooks(windows, fwd_hooks=[(hook, lambda x, hook: seen.append(x))])
+    return seen[0].reshape(-1, seen[0].shape[-1]).detach().numpy()
+
+
+def test_capture_matches_direct_hooks(tiny_model, tmp_path):
+    windows = torch.randint(0, len(tiny_model.tokenizer), (5, 16))
+    store = capture_activations(
+        tiny_model,
+        windows,
+        tmp_path / "store",
+        hooks="hook_pre,hook_post",
+        batch_size=2,
+        dtype="float32",
+        progress=False,
+    )
+    assert store.hook_names == [
+        "blocks.0.mlp.hook_post",
+        "blocks.0.mlp.hook_pre",
+        "blocks.1.mlp.hook_post",
+        "blocks.1.mlp.hook_pre",
+    ]
+    reopened = ActivationStore.open(tmp_path / "store")
+    for hook in store.hook_names:
+        got = reopened.array(hook)
+        assert got.shape == (80, 128)
+        np.testing.assert_allclose(got, _direct(tiny_model, windows, hook), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reopened.tokens(), windows.reshape(-1).numpy())
+
+
+def test_float16_store(tiny_llama, tmp_path):
+    windows = torch.randint(0, 300, (3, 8))
+    store = capture_activations(tiny_llama, windows, tmp_path / "s", progress=False)
+    arr = store.array("blocks.1.mlp.hook_pre")
+    assert arr.dtype == np.float16
+    np.testing.assert_allclose(
+        arr.astype(np.float32),
+        _direct(tiny_llama, windows, "blocks.1.mlp.hook_pre"),
+        rtol=2e-3,
+        atol=2e-3,
+    )
+
+
+def test_resolve_hook_names(tiny_llama):
+    b = tiny_llama.bridge
+    assert resolve_hook_names(b) == ["blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_pre"]
+    assert resolve_hook_names(b, ["blocks.1.mlp.hook_pre_linear"]) == [
+        "blocks.1.mlp.hook_pre_linear"
+    ]
+    with pytest.raises(ValueError, match=r"unknown hook 'blocks\.\*\.mlp\.hook_nope'.*hook_pre"):
+        resolve_hook_names(b, "hook_nope")
+
+
+def test_refuses_finished_store(tiny_llama, tmp_path):
+    windows = torch.randint(0, 300, (2, 8))
+    capture_activations(tiny_llama, windows, tmp_path / "s", progress=False)
+    before = (tmp_path / "s" / "blocks.0.mlp.hook_pre.npy").read_bytes()
+    with pytest.raises(StoreExistsError, match="overwrite"):
+        capture_activations(tiny_llama, windows[:1], tmp_path / "s", progress=False)
+    assert (tmp_path / "s" / "blocks.0.mlp.hook_pre.npy").read_bytes() == before
+    store = capture_activations(
+        tiny_llama, windows[:1], tmp_path / "s", overwrite=True, progress=False
+    )
+    assert store.n_tokens == 8
+
+
+def test_incomplete_store_is_not_opened(tmp_path):
+    (tmp_path / "meta.json").write_text('{"finished": false, "hooks": {}}')
+    with pytest.raises(RuntimeError, match="incomplete"):
+        ActivationStore.open(tmp_path)
