@@ -108,3 +108,156 @@ def test_unknown_model_one_clear_line(tmp_path, capsys):
     assert main(["rank", "--model", "nobody/nothing", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not load model 'nobody/nothing'" in err[0]
+
+
+def _tiny_args(tiny_dir, corpus):
+    return ["--model", str(tiny_dir), "--dataset", str(corpus), "--seqlen", "32", "--no-progress"]
+
+
+def test_eval_prints_perplexity(tiny_dir, corpus, capsys):
+    assert main(["eval", *_tiny_args(tiny_dir, corpus), "--eval-tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    # 128 tokens = 4 windows of 32, each scoring 31 next-token predictions
+    assert "perplexity" in out and "124 scored tokens" in out
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_writes_csv(tiny_dir, corpus, tmp_path, capsys, method):
+    out = tmp_path / "prune"
+    assert (
+        main(
+            [
+                "prune",
+                *_tiny_args(tiny_dir, corpus),
+                "--method",
+                method,
+                "--sparsity",
+                "0.5",
+                "--nsamples",
+                "4",
+                "--eval-tokens",
+                "128",
+                "--out",
+                str(out),
+                "--save",
+                str(tmp_path / "saved"),
+            ]
+        )
+        == 0
+    )
+    row = pd.read_csv(out / "prune.csv").iloc[0]
+    assert row["method"] == method and row["sparsity"] == 0.5
+    assert row["perplexity_after"] != row["perplexity_before"]
+    assert abs(row["achieved_sparsity"] - 0.5) < 1e-6
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(layers["role"]) == {"gate", "up", "down"} and len(layers) == 6
+    # the saved model reloads with the pruned weights
+    from wasserstein_neurons.models import load_model
+
+    saved = load_model(str(tmp_path / "saved"))
+    w = saved.adapter.weight(saved.hf_model, 1, "down")
+    assert abs((w == 0).float().mean().item() - 0.5) < 1e-6
+
+
+def test_prune_nm(tiny_dir, corpus, tmp_path):
+    out = tmp_path / "prune"
+    assert (
+        main(
+            [
+                "prune",
+                *_tiny_args(tiny_dir, corpus),
+                "--method",
+                "wanda",
+                "--prunen",
+                "2",
+                "--prunem",
+                "4",
+                "--nsamples",
+                "2",
+                "--eval-tokens",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    row = pd.read_csv(out / "prune.csv").iloc[0]
+    assert row["sparsity"] == 0.5 and abs(row["achieved_sparsity"] - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+        (["--prunen", "4", "--prunem", "2"], "malformed n:m"),
+        (["--prunen", "2"], "malformed n:m"),
+        (["--method", "obs"], "unknown pruning method"),
+        (["--method", "wanda", "--wbits", "4"], "only supported with --method sparsegpt"),
+        (["--eval-tokens", "10"], "--eval-tokens"),
+    ],
+)
+def test_prune_bad_input(tiny_dir, corpus, tmp_path, capsys, extra, message):
+    out = tmp_path / "prune"
+    assert main(["prune", *_tiny_args(tiny_dir, corpus), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (out / "config.json").exists()
+
+
+def test_ablate_reuses_ranking(tiny_dir, corpus, tmp_path, capsys):
+    rank_out = tmp_path / "rank"
+    assert _rank(tiny_dir, corpus, rank_out) == 0
+    out = tmp_path / "ablate"
+    assert (
+        main(
+            [
+                "ablate",
+                *_tiny_args(tiny_dir, corpus),
+                "--ranking",
+                str(rank_out),
+                "--strategies",
+                "wd-top,random,wd-bottom,norm",
+                "--seeds",
+                "2",
+                "--neuron-sparsity",
+                "0.5,0.9",
+                "--method",
+                "magnitude",
+                "--top-percent",
+                "5",
+                "--nsamples",
+                "2",
+                "--eval-tokens",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    df = pd.read_csv(out / "ablation.csv")
+    assert {"strategy", "seed", "top_percent", "neuron_sparsity", "method", "perplexity"} <= set(
+        df.columns
+    )
+    assert len(df) == 1 + 2 * (1 + 2 + 1 + 1)
+    assert (out / "ablation.png").stat().st_size > 1000
+    assert "wd-top" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strategies", "wd-top,best"], "unknown strategy best"),
+        (["--neuron-sparsity", "0.5,1.5"], "sparsity must be in [0, 1)"),
+        (["--method", "random"], "unknown pruning method"),
+        (["--ranking", "/nonexistent/run"], "not a run folder"),
+    ],
+)
+def test_ablate_bad_input(tiny_dir, corpus, tmp_path, capsys, extra, message):
+    assert (
+        main(["ablate", *_tiny_args(tiny_dir, corpus), "--out", str(tmp_path / "a"), *extra]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -27,7 +27,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str) -> None:
+def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str | None) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -90,6 +90,103 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=32768,
+        help="evaluation tokens scored (non-overlapping windows of --seqlen)",
+    )
+
+
+def _eval_settings(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model,
+        dataset=args.dataset,
+        seqlen=args.seqlen,
+        eval_tokens=args.eval_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .prune_run import EvalSettings, run_eval
+
+    row = run_eval(EvalSettings(**_eval_settings(args)), progress=not args.no_progress)
+    print(
+        f"{row['model']} on {row['dataset']} (seqlen {row['seqlen']}, "
+        f"{row['eval_tokens']} scored tokens): perplexity {row['perplexity']:.3f}"
+    )
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .prune_run import PruneConfig, run_prune
+
+    cfg = PruneConfig(
+        **_eval_settings(args),
+        out=args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        prunen=args.prunen,
+        prunem=args.prunem,
+        wbits=args.wbits,
+        nsamples=args.nsamples,
+        seed=args.seed,
+        targets=args.targets,
+        save=args.save,
+        overwrite=args.overwrite,
+    )
+    row = run_prune(cfg, progress=not args.no_progress)
+    pattern = f"{cfg.prunen}:{cfg.prunem}" if cfg.prunem else f"{row['sparsity']:.0%}"
+    print(
+        f"{cfg.method} {pattern} ({cfg.targets} linears, {cfg.nsamples} x {cfg.seqlen} "
+        f"calibration tokens): perplexity {row['perplexity_before']:.3f} -> "
+        f"{row['perplexity_after']:.3f} (achieved sparsity {row['achieved_sparsity']:.3f})"
+    )
+    print(f"results in {cfg.out}")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablation import AblationConfig, summarize
+    from .ablation_run import AblateConfig, run_ablate
+
+    study = AblationConfig(
+        strategies=args.strategies,
+        top_percent=args.top_percent,
+        neuron_sparsities=args.neuron_sparsity,
+        method=args.method,
+        seeds=args.seeds,
+        include_down=args.include_down,
+    )
+    cfg = AblateConfig(
+        **_eval_settings(args),
+        out=args.out,
+        study=study,
+        ranking=args.ranking,
+        rank_tokens=args.tokens,
+        nsamples=args.nsamples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    results = run_ablate(cfg, progress=not args.no_progress)
+    table = summarize(results)
+    with pd.option_context("display.width", 120):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"results in {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wasserstein-neurons",
@@ -119,6 +216,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the activation store once the tables and plots are written",
     )
     p.set_defaults(func=_rank)
+
+    p = sub.add_parser("eval", help="perplexity of a model on the evaluation split")
+    _add_common(p, seqlen=512, default_out=None)
+    _add_eval(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("prune", help="one-shot pruning baseline: perplexity before and after")
+    _add_common(p, seqlen=512, default_out="runs/prune")
+    _add_eval(p)
+    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity in [0, 1)")
+    p.add_argument("--prunen", type=int, default=0, help="n of n:m (e.g. 2 of 2:4)")
+    p.add_argument("--prunem", type=int, default=0, help="m of n:m (e.g. 4 of 2:4)")
+    p.add_argument("--wbits", type=int, default=16, help="quantize kept weights (sparsegpt)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--targets", default="mlp", help="mlp (default) or all linears")
+    p.add_argument("--save", default=None, help="write the pruned model to this folder")
+    p.set_defaults(func=_prune)
+
+    p = sub.add_parser("ablate", help="sparsify neuron sets (WD top vs controls)")
+    _add_common(p, seqlen=512, default_out="runs/ablate")
+    _add_eval(p)
+    p.add_argument(
+        "--strategies",
+        default="wd-top,random,wd-bottom",
+        help="comma-separated: wd-top, wd-bottom, random, mean, variance, norm",
+    )
+    p.add_argument("--top-percent", type=float, default=3.0, help="neurons per layer (percent)")
+    p.add_argument(
+        "--neuron-sparsity",
+        type=_floats,
+        default=[0.9],
+        help="per-row sparsity of the selected neurons, comma-separated sweep",
+    )
+    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random strategy")
+    p.add_argument(
+        "--include-down",
+        action="store_true",
+        help="also sparsify the neurons' down-projection columns (magnitude)",
+    )
+    p.add_argument("--ranking", default=None, help="reuse the neurons.csv of this rank run")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=32768,
+        help="tokens for the ranking made when --ranking is not given",
+    )
+    p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    p.set_defaults(func=_ablate)
     return parser
 
 

@@ -108,3 +108,31 @@ def plot_wd_by_layer(table: pd.DataFrame, top_percent: float | None = 3.0):
     ax.set_title("Wasserstein distance to a Gaussian, per layer")
     fig.tight_layout()
     return fig
+
+
+def plot_ablation(results: pd.DataFrame, title: str = ""):
+    """Perplexity vs neuron sparsity, one line per strategy; seed spread as a shaded band.
+
+    ``results`` has columns ``strategy, seed, neuron_sparsity, perplexity`` (a ``dense`` row,
+    if present, is drawn as a horizontal reference line).
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    dense = results[results["strategy"] == "dense"]
+    if len(dense):
+        ax.axhline(dense["perplexity"].iloc[0], color="k", ls="--", lw=1, label="dense")
+    studied = results[results["strategy"] != "dense"]
+    for i, (strategy, group) in enumerate(studied.groupby("strategy", sort=False)):
+        stats = group.groupby("neuron_sparsity")["perplexity"].agg(["mean", "min", "max"])
+        x = stats.index.to_numpy()
+        n_seeds = group["seed"].nunique()
+        label = strategy + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.plot(x, stats["mean"], "o-", color=f"C{i}", label=label)
+        if n_seeds > 1:
+            ax.fill_between(x, stats["min"], stats["max"], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("neuron sparsity (fraction of each selected row zeroed)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title or "Sparsifying neuron sets", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

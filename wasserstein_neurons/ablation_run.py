@@ -1,0 +1,120 @@
+"""The ``ablate`` workflow: rank (or reuse a ranking), calibrate once, sweep, save, plot.
+
+Outputs in ``out``: ``ablation.csv`` (``strategy, seed, top_percent, neuron_sparsity, method,
+perplexity, neurons_per_layer, include_down``; the first row is the dense model),
+``ablation_summary.csv`` (mean / min / max over seeds), ``ablation.png`` and ``config.json``.
+Without ``ranking`` a ranking is made first in ``out/ranking``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import plotting
+from .ablation import AblationConfig, collect_calibration, run_ablation, summarize
+from .data import calibration_windows, load_tokens
+from .models import load_model
+from .prune_run import EvalSettings, eval_windows_for
+from .rank_run import RankConfig, run_rank
+from .runs import prepare_run_dir, read_run_config, save_table, write_run_config
+
+
+@dataclass
+class AblateConfig(EvalSettings):
+    out: str = "runs/ablate"
+    study: AblationConfig = field(default_factory=AblationConfig)
+    ranking: str | None = None
+    rank_tokens: int = 32768
+    nsamples: int = 64
+    seed: int = 0
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        self.study.validate()
+        self.validate_eval()
+        if self.nsamples < 1:
+            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+
+
+def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
+    """The ``neurons.csv`` of a finished ``rank`` run made with ``model_name``."""
+    config = read_run_config(folder)
+    if not config.get("finished") or config.get("command") != "rank":
+        raise ValueError(f"{folder} is not a finished rank run")
+    made_with = config.get("model", {}).get("name")
+    if made_with != model_name:
+        raise ValueError(
+            f"the ranking in {folder} was made with model {made_with!r}, not {model_name!r}"
+        )
+    return pd.read_csv(Path(folder) / "neurons.csv")
+
+
+def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataFrame:
+    cfg.validate()
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if cfg.ranking:
+        table = load_ranking(cfg.ranking, model.name)
+        ranking_dir = cfg.ranking
+    else:
+        ranking_dir = str(out / "ranking")
+        rank_cfg = RankConfig(
+            out=ranking_dir,
+            model=cfg.model,
+            dataset=cfg.dataset,
+            tokens=cfg.rank_tokens,
+            seqlen=cfg.seqlen,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            keep_activations=False,
+            overwrite=True,
+        )
+        table = run_rank(rank_cfg, model=model, progress=progress).table
+    seconds["ranking"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cal = calibration_windows(
+        load_tokens(model.tokenizer, cfg.dataset, "calibration"),
+        cfg.nsamples,
+        cfg.seqlen,
+        seed=cfg.seed,
+    )
+    cache = collect_calibration(
+        model, cal, cfg.study.method, batch_size=cfg.batch_size, progress=progress
+    )
+    seconds["calibration"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results = run_ablation(
+        model,
+        table,
+        cfg.study,
+        eval_windows_for(model, cfg),
+        cache,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+    seconds["sweep"] = time.perf_counter() - t0
+    save_table(results, out, "ablation")
+    summarize(results).to_csv(out / "ablation_summary.csv", index=False)
+    title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer, {cfg.study.method}"
+    plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
+    write_run_config(
+        out,
+        {
+            "command": "ablate",
+            "config": asdict(cfg),
+            "model": model.name,
+            "ranking": ranking_dir,
+            "seconds": seconds,
+        },
+    )
+    return results
