@@ -13,6 +13,7 @@ from scipy.special import ndtr, ndtri
 
 from wasserstein_neurons.wasserstein import (
     METHODS,
+    _exact_torch,
     _exact_torch_block,
     constant_neurons,
     gaussian_quantile_pieces,
@@ -147,6 +148,12 @@ def test_torch_kernel_matches_numpy_path():
     np.testing.assert_allclose(got, wasserstein_to_gaussian(x).numpy(), rtol=0, atol=1e-12)
     x[:, 3] = 7.0
     assert np.isnan(_exact_torch_block(torch.from_numpy(x)).numpy()[3])
+    # the device dispatcher (used for CUDA), run on the CPU: chunking and dtype handling
+    x16 = torch.from_numpy(x).to(torch.float16)
+    want = wasserstein_to_gaussian(x16.float().numpy()).numpy()
+    for src in (x16, x16.numpy()):
+        got = _exact_torch(src, torch.device("cpu"), 3).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, equal_nan=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -212,6 +219,30 @@ def test_float16_memmap_in_chunks(tmp_path, method):
     stats = neuron_statistics(mm, neuron_chunk=4)
     np.testing.assert_allclose(stats["wd"], wasserstein_to_gaussian(x16).numpy(), atol=1e-13)
     np.testing.assert_allclose(stats["mean"], x16.astype(np.float64).mean(0), rtol=1e-12)
+
+
+def test_memmap_peak_memory_is_per_block(tmp_path):
+    import tracemalloc
+
+    n, d = 50_000, 200
+    path = tmp_path / "big.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
+    rng = np.random.default_rng(0)
+    for j in range(0, d, 50):
+        mm[:, j : j + 50] = rng.standard_normal((n, 50)).astype(np.float16)
+    mm.flush()
+    del mm
+    mm = np.load(path, mmap_mode="r")
+    gaussian_quantile_pieces.cache_clear()
+    tracemalloc.start()
+    try:
+        wd = wasserstein_to_gaussian(mm, neuron_chunk=10, num_threads=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full_float32 = n * d * 4  # 40 MB
+    assert peak < 0.3 * full_float32, peak
+    assert wd.shape == (d,) and bool(torch.isfinite(wd).all())
 
 
 def test_wide_block_groups(tmp_path):

@@ -13,6 +13,11 @@ Example
 >>> res = pruner.prune(W, PruneSpec(sparsity=0.5))
 >>> res.sparsity
 0.5
+
+Whole models are pruned layer by layer, each layer calibrated on the outputs of the already
+pruned ones, by :func:`sequential_prune` (built on the generic traversal
+:func:`sequential_layerwise`); :func:`snapshot_weights` / :func:`restore_weights` undo it
+bit-exactly.
 """
 
 from __future__ import annotations
@@ -30,17 +35,35 @@ from .base import (
 )
 from .magnitude import MagnitudePruner
 from .quantize import minmax_params, quantize_dequantize, quantize_rows
+from .sequential import (
+    SUMMARY_COLUMNS,
+    LayerContext,
+    SnapshotEntry,
+    WeightSnapshot,
+    layer_linears,
+    resolve_targets,
+    restore_weights,
+    sequential_layerwise,
+    sequential_prune,
+    snapshot_weights,
+    target_weight,
+)
 from .sparsegpt import SparseGPTPruner
 from .wanda import WandaPruner
 
 __all__ = [
     "PRUNERS",
+    "SUMMARY_COLUMNS",
+    "LayerContext",
     "MagnitudePruner",
     "PruneResult",
     "PruneSpec",
     "Pruner",
+    "SnapshotEntry",
     "SparseGPTPruner",
     "WandaPruner",
+    "WeightSnapshot",
+    "layer_linears",
     "lowest_k_mask",
     "lowest_k_mask_per_row",
     "make_pruner",
@@ -49,6 +72,12 @@ __all__ = [
     "nm_mask",
     "quantize_dequantize",
     "quantize_rows",
+    "resolve_targets",
+    "restore_weights",
+    "sequential_layerwise",
+    "sequential_prune",
+    "snapshot_weights",
+    "target_weight",
 ]
 
 #: Registered pruning methods by name.
