@@ -16,7 +16,7 @@ demo: install
 	wasserstein-neurons rank --out runs/rank --overwrite
 
 test: install
-	$(PYTHON) -m pytest -q --nbmake tests notebooks
+	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=1200 tests notebooks
 
 lint:
 	ruff check . && ruff format --check wasserstein_neurons tests experiments
