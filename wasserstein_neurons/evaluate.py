@@ -1,0 +1,355 @@
+r"""Perplexity of a causal language model on token windows.
+
+Definition
+----------
+For windows :math:`w^{(1)}, \dots, w^{(n)}` of ``seqlen`` tokens each, every window is scored
+independently (no context carried over) and each of its ``seqlen - 1`` next-token
+predictions counts once (the first token of a window has no prediction):
+
+.. math::
+
+    \mathrm{NLL} = \frac{1}{n (L-1)} \sum_{i=1}^{n} \sum_{t=1}^{L-1}
+        -\log p_\theta\!\left(w^{(i)}_{t+1} \mid w^{(i)}_{1..t}\right),
+    \qquad \mathrm{PPL} = \exp(\mathrm{NLL}),
+
+with :math:`L` = ``seqlen``.  This is the SparseGPT / Wanda protocol (non-overlapping windows
+of the joined test split, :func:`~wasserstein_neurons.data.evaluation_windows`) except for one
+detail: the reference code multiplies each window's mean loss by ``seqlen`` and divides the
+sum by ``n * seqlen``, which is the same number, :math:`\exp(\text{mean NLL})`.
+
+Memory
+------
+The ``[batch, seqlen, vocab]`` logits are never materialised: the base model returns the
+final hidden states ``[batch, seqlen, d_model]`` and the LM head is applied to chunks of
+``nll_chunk`` token positions, each reduced at once with
+``torch.nn.functional.cross_entropy(reduction="sum")`` (float32 logits) and accumulated in
+float64.  Peak extra memory is ``nll_chunk * vocab`` floats (1024 x 49152 x 4 B = 200 MB).
+
+Attention backend
+-----------------
+A TransformerLens bridge replaces the HF modules in place by wrappers whose attention is
+computed by the bridge's own eager code (to expose ``hook_attn_scores`` / ``hook_pattern``),
+and it sets ``config._attn_implementation = "eager"``.  Setting the config back to
+``"sdpa"`` has *no effect* on a bridged model (measured: bit-identical outputs; the wrappers
+ignore it).  ``use_sdpa=True`` therefore runs the native HF modules: during the call every
+bridge wrapper is temporarily replaced in its parent by the module it wraps
+(:func:`native_modules`) and ``config._attn_implementation`` is set to ``"sdpa"``; both are
+restored in a ``finally`` block.  This is only valid if the wrappers add nothing to the
+computation, which fails when hooks that edit activations are attached to the bridge, or on
+GPT-NeoX models whose attention was pruned through the bridge (the bridge runs split
+``q``/``k``/``v`` *copies* of the fused ``query_key_value`` weight, so the native module would
+use the stale dense weight).  Hence, with ``verify=True`` (default), the per-token losses of a
+probe (the first window, up to 256 tokens) are computed both ways first, and on any
+disagreement beyond float tolerance a warning is issued and the bridged (eager) path is used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "PerplexityResult",
+    "has_bridge_modules",
+    "native_modules",
+    "perplexity",
+    "window_nll",
+]
+
+_PROBE_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    r"""Output of :func:`perplexity`.
+
+    Attributes
+    ----------
+    perplexity : float
+        :math:`\exp(\text{nll\_mean})`.
+    nll_mean : float
+        Mean next-token negative log-likelihood (nats).
+    n_tokens : int
+        Number of scored predictions, ``n_windows * (seqlen - 1)``.
+    seconds : float
+        Wall-clock time of the call.
+    n_windows, seqlen : int
+        Shape of the evaluated windows.
+    backend : str
+        ``"sdpa"`` (native HF modules with scaled-dot-product attention), ``"eager"`` or
+        ``"bridge"`` (the bridged forward, eager attention).
+    """
+
+    perplexity: float
+    nll_mean: float
+    n_tokens: int
+    seconds: float
+    n_windows: int = 0
+    seqlen: int = 0
+    backend: str = ""
+
+
+def _hf_model(model) -> nn.Module:
+    """The ``transformers`` model inside a LoadedModel / TransformerBridge, or ``model``."""
+    for attr in ("hf_model", "original_model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"expected a LoadedModel or a transformers model, got {type(model).__name__}")
+
+
+def _bridge_base():
+    try:
+        from transformer_lens.model_bridge.generalized_components.base import (
+            GeneralizedComponent,
+        )
+    except ImportError:  # pragma: no cover - transformer_lens is a dependency
+        return None
+    return GeneralizedComponent
+
+
+def _wrapped(module: nn.Module, base) -> nn.Module | None:
+    if base is None or not isinstance(module, base):
+        return None
+    inner = getattr(module, "original_component", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def has_bridge_modules(hf: nn.Module) -> bool:
+    """Whether any module of ``hf`` is a TransformerLens bridge wrapper."""
+    base = _bridge_base()
+    return base is not None and any(isinstance(m, base) for m in hf.modules())
+
+
+@contextmanager
+def native_modules(hf: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily replace every TransformerLens wrapper in ``hf`` by the module it wraps.
+
+    Inside the block ``hf`` is a plain ``transformers`` model again (e.g.
+    ``hf.model.layers[0]`` is a ``LlamaDecoderLayer`` and ``.mlp.gate_proj`` an ``nn.Linear``):
+    no bridge hook fires and HF's own attention implementations are used.  Parameters are
+    shared, so pruned weights and modules installed with ``set_original_component`` are
+    used.  Not thread-safe: the bridge is unusable until the block exits.
+    """
+    base = _bridge_base()
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def visit(module: nn.Module) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            inner = _wrapped(child, base)
+            while inner is not None:
+                swaps.append((module, name, module._modules[name]))
+                module._modules[name] = inner
+                child = inner
+                inner = _wrapped(child, base)
+            visit(child)
+
+    try:
+        visit(hf)
+        yield hf
+    finally:
+        for module, name, wrapper in reversed(swaps):
+            module._modules[name] = wrapper
+
+
+def _lm_parts(hf: nn.Module) -> tuple[nn.Module, nn.Module]:
+    cfg = getattr(hf, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"perplexity() computes logits as lm_head(hidden); {attr} is not supported"
+            )
+    base = hf.base_model
+    head = hf.get_output_embeddings()
+    if base is hf or head is None:
+        raise TypeError("expected a causal LM with a base model and an output embedding")
+    return base, head
+
+
+def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str = "sum") -> Tensor:
+    """Next-token NLL of a batch of windows without materialising full logits.
+
+    Parameters
+    ----------
+    hf : nn.Module
+        A ``transformers`` causal LM (bridged or not).
+    ids : LongTensor, shape ``[batch, seqlen]``
+        On the model's device.
+    nll_chunk : int
+        Token positions per LM-head call.
+    reduction : {"sum", "none"}
+        ``"sum"``: float64 scalar, the summed NLL of the ``batch * (seqlen - 1)`` predictions;
+        ``"none"``: float32 ``[batch, seqlen - 1]`` per-token NLL.
+
+    Returns
+    -------
+    Tensor
+    """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    base, head = _lm_parts(hf)
+    with torch.no_grad():
+        out = base(input_ids=ids, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        h = hidden[:, :-1]  # [b, L-1, d]: position t predicts token t+1
+        targets = ids[:, 1:]
+        b, n = targets.shape
+        flat_h = h.reshape(b * n, h.shape[-1])
+        flat_t = targets.reshape(b * n)
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
+        per_token = [] if reduction == "none" else None
+        for i in range(0, b * n, nll_chunk):
+            logits = head(flat_h[i : i + nll_chunk].unsqueeze(0)).squeeze(0).float()
+            if per_token is None:
+                loss = F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="sum")
+                total += loss.double()
+            else:
+                per_token.append(
+                    F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="none")
+                )
+            del logits
+    if per_token is None:
+        return total
+    return torch.cat(per_token).reshape(b, n)
+
+
+def _probe_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> tuple[bool, float]:
+    """Compare per-token NLLs of the bridged and native sdpa paths on ``probe``."""
+    ref = window_nll(hf, probe, nll_chunk, reduction="none")
+    with native_modules(hf), _attn_implementation(hf, "sdpa"):
+        fast = window_nll(hf, probe, nll_chunk, reduction="none")
+    diff = float((ref - fast).abs().max())
+    dtype = next(hf.parameters()).dtype
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    return diff <= tol, diff
+
+
+@contextmanager
+def _attn_implementation(hf: nn.Module, name: str) -> Iterator[None]:
+    cfg = hf.config
+    old = getattr(cfg, "_attn_implementation", None)
+    try:
+        cfg._attn_implementation = name
+        yield
+    finally:
+        cfg._attn_implementation = old
+
+
+def perplexity(
+    model,
+    windows: Tensor,
+    *,
+    batch_size: int = 4,
+    nll_chunk: int = 1024,
+    use_sdpa: bool = True,
+    verify: bool = True,
+    progress: bool = True,
+) -> PerplexityResult:
+    r"""Perplexity :math:`\exp(\text{mean NLL})` over all next-token predictions of ``windows``.
+
+    Parameters
+    ----------
+    model : LoadedModel, TransformerBridge or transformers model
+        Evaluated on its own device, in eval mode (restored afterwards).
+    windows : LongTensor, shape ``[n_windows, seqlen]``
+        Token ids, e.g. :func:`~wasserstein_neurons.data.evaluation_windows`; each window is
+        scored independently and contributes ``seqlen - 1`` predictions.
+    batch_size : int
+        Windows per forward pass.
+    nll_chunk : int
+        Token positions per LM-head call (bounds the logits memory to
+        ``nll_chunk * vocab`` floats).
+    use_sdpa : bool
+        Use scaled-dot-product attention.  On a bridged model this runs the native HF modules
+        (see the module docstring); on a plain HF model it sets
+        ``config._attn_implementation = "sdpa"`` for the call.  Either way the previous state
+        is restored.  Models without sdpa support use eager attention.
+    verify : bool
+        On a bridged model, check the native sdpa path against the bridged forward on a
+        probe first, and fall back (with a warning) when they disagree.
+    progress : bool
+        tqdm progress bar over batches.
+
+    Returns
+    -------
+    PerplexityResult
+    """
+    t0 = time.perf_counter()
+    windows = torch.as_tensor(windows)
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] == 0:
+        raise ValueError(
+            f"windows must be token ids [n_windows, seqlen >= 2], got {tuple(windows.shape)}"
+        )
+    if batch_size < 1 or nll_chunk < 1:
+        raise ValueError("batch_size and nll_chunk must be positive")
+    hf = _hf_model(model)
+    device = next(hf.parameters()).device
+    windows = windows.long()
+    n, seqlen = windows.shape
+    bridged = has_bridge_modules(hf)
+    sdpa = use_sdpa and bool(getattr(hf, "_supports_sdpa", False))
+
+    was_training = hf.training
+    hf.eval()
+    try:
+        backend = "bridge" if bridged else "eager"
+        if sdpa and bridged and verify:
+            probe = windows[:1, :_PROBE_TOKENS].to(device)
+            ok, diff = _probe_agrees(hf, probe, nll_chunk)
+            if not ok:
+                warnings.warn(
+                    "perplexity: the native HF modules (sdpa) disagree with the bridged model "
+                    f"(max per-token NLL difference {diff:.3g}); hooks that edit activations or "
+                    "weights held only by the bridge (GPT-NeoX split QKV)? Using the bridged "
+                    "eager forward instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                sdpa = False
+        total = 0.0
+        with _native_sdpa(hf, bridged) if sdpa else nullcontext():
+            backend = "sdpa" if sdpa else backend
+            for i in tqdm(
+                range(0, n, batch_size),
+                desc="perplexity",
+                disable=not progress,
+                leave=False,
+            ):
+                ids = windows[i : i + batch_size].to(device)
+                total += float(window_nll(hf, ids, nll_chunk, reduction="sum"))
+    finally:
+        hf.train(was_training)
+    n_tokens = n * (seqlen - 1)
+    nll = total / n_tokens
+    return PerplexityResult(
+        perplexity=math.exp(nll),
+        nll_mean=nll,
+        n_tokens=n_tokens,
+        seconds=time.perf_counter() - t0,
+        n_windows=n,
+        seqlen=seqlen,
+        backend=backend,
+    )
+
+
+@contextmanager
+def _native_sdpa(hf: nn.Module, bridged: bool) -> Iterator[None]:
+    if bridged:
+        with native_modules(hf), _attn_implementation(hf, "sdpa"):
+            yield
+    else:
+        with _attn_implementation(hf, "sdpa"):
+            yield
