@@ -150,7 +150,7 @@ def collect_calibration(
 
 
 @dataclass
-class WeightSnapshot:
+class NeuronSnapshot:
     """Copies of the rows (or columns) that a sparsification will touch, for exact restore."""
 
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
@@ -175,13 +175,13 @@ def sparsify_neurons(
     neuron_sparsity: float,
     cache: CalibrationCache,
     include_down: bool = False,
-) -> WeightSnapshot:
+) -> NeuronSnapshot:
     """Prune the selected neurons' rows in place; returns the snapshot that undoes it.
 
     ``selection`` maps layer → neuron indices. Every other weight stays bit-identical.
     """
     adapter = model.adapter
-    snapshot = WeightSnapshot()
+    snapshot = NeuronSnapshot()
     for layer, neurons in selection.items():
         index = torch.as_tensor(neurons, dtype=torch.long)
         spec = PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)

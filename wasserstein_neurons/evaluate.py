@@ -169,7 +169,7 @@ def _lm_parts(hf: nn.Module) -> tuple[nn.Module, nn.Module]:
     cfg = getattr(hf, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise NotImplementedError(
+            raise ValueError(
                 f"perplexity() computes logits as lm_head(hidden); {attr} is not supported"
             )
     base = hf.base_model

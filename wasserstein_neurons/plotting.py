@@ -136,3 +136,314 @@ def plot_ablation(results: pd.DataFrame, title: str = ""):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Disentanglement (Sparse Expansion) figures
+# --------------------------------------------------------------------------------------------
+
+
+def _central_range(*arrays, q: float = 0.01) -> tuple[float, float]:
+    """``[q, 100 - q]`` percentiles of the pooled finite values (a unit range if constant)."""
+    v = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return -1.0, 1.0
+    lo, hi = np.percentile(v, [q, 100.0 - q])
+    if hi <= lo:
+        lo, hi = float(v.min()) - 0.5, float(v.max()) + 0.5
+    return float(lo), float(hi)
+
+
+def _expert_colors(k: int) -> list:
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    return [cmap(c % cmap.N) for c in range(k)]
+
+
+def plot_sparse_vs_dense(
+    dense, sparse: dict, title: str = "", ax=None, bins: int = 100, log: bool = False
+):
+    """Histograms of one neuron's dense outputs and of sparse reconstructions of them.
+
+    Parameters
+    ----------
+    dense : array-like, shape ``[tokens]``
+        Dense outputs (pre-activations) on held-out tokens.
+    sparse : dict[str, array-like]
+        Label (e.g. ``"SparseGPT"``, ``"SE k=16"``) -> outputs ``[tokens]`` of the same tokens.
+        The legend gives each one's W1 distance to the dense sample
+        (``scipy.stats.wasserstein_distance``, in output units).
+    title : str
+    ax : matplotlib Axes, optional
+    bins : int
+    log : bool
+        Log-scaled density axis (shows the tails).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from scipy.stats import wasserstein_distance
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    dense = np.asarray(dense, dtype=np.float64).ravel()
+    lo, hi = _central_range(dense, *sparse.values())
+    ax.hist(dense, bins=bins, range=(lo, hi), density=True, color="0.55", alpha=0.55, label="dense")
+    for i, (label, values) in enumerate(sparse.items()):
+        values = np.asarray(values, dtype=np.float64).ravel()
+        w1 = wasserstein_distance(values, dense)
+        ax.hist(
+            values,
+            bins=bins,
+            range=(lo, hi),
+            density=True,
+            histtype="step",
+            lw=1.4,
+            color=f"C{i}",
+            label=f"{label}  W1={w1:.3g}",
+        )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("output (pre-activation); central 99.98% shown")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure
+
+
+def plot_outputs_by_expert(
+    values, labels, title: str = "", ax=None, bins: int = 100, stacked: bool = True
+):
+    """One neuron's dense outputs split by the expert each token is routed to.
+
+    Parameters
+    ----------
+    values : array-like, shape ``[tokens]``
+        Dense outputs.
+    labels : array-like of int, shape ``[tokens]``
+        Expert of each token (``0..k-1``); one colour per expert.
+    title : str
+    ax : matplotlib Axes, optional
+    bins : int
+    stacked : bool
+        Stack the per-expert histograms (they add up to the neuron's histogram) or overlay
+        them as outlines.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    values = np.asarray(values, dtype=np.float64).ravel()
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    k = int(labels.max()) + 1 if labels.size else 1
+    colors = _expert_colors(k)
+    present = [c for c in range(k) if np.any(labels == c)]
+    lo, hi = _central_range(values)
+    ax.hist(
+        [values[labels == c] for c in present],
+        bins=bins,
+        range=(lo, hi),
+        stacked=stacked,
+        histtype="stepfilled" if stacked else "step",
+        color=[colors[c] for c in present],
+        alpha=0.85 if stacked else 1.0,
+        label=[f"expert {c} (n={int(np.sum(labels == c))})" for c in present],
+    )
+    if len(present) <= 8:
+        ax.legend(fontsize=6)
+    ax.set_xlabel("dense output; central 99.98% shown")
+    ax.set_ylabel("tokens")
+    ax.set_title(title or f"dense outputs by expert ({k} experts)", fontsize=9)
+    if fig is not None:
+        fig.tight_layout()
+    return fig if fig is not None else ax.figure
+
+
+def plot_ri_vs_wd(table: pd.DataFrame, experts, top_column: str = "is_top"):
+    """Relative improvement of Sparse Expansion over SparseGPT vs WD, one panel per ``k``.
+
+    Parameters
+    ----------
+    table : pd.DataFrame
+        Per-neuron table with ``wd`` and ``ri_k{k}`` columns (and optionally a boolean
+        ``top_column`` marking the Wasserstein neurons, drawn in red).
+    experts : int or sequence of int
+        Numbers of experts to show.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Titles give Spearman's ρ between RI and WD.
+    """
+    from scipy.stats import spearmanr
+
+    ks = [experts] if np.isscalar(experts) else list(experts)
+    fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.3), squeeze=False)
+    top = (
+        table[top_column].to_numpy(dtype=bool)
+        if top_column in table
+        else np.zeros(len(table), bool)
+    )
+    wd = table["wd"].to_numpy(dtype=np.float64)
+    for ax, k in zip(axes[0], ks, strict=True):
+        ri = table[f"ri_k{k}"].to_numpy(dtype=np.float64)
+        ok = np.isfinite(ri) & np.isfinite(wd)
+        rho = spearmanr(wd[ok], ri[ok]).statistic if ok.sum() > 2 else np.nan
+        ax.scatter(wd[ok & ~top], ri[ok & ~top], s=3, alpha=0.35, color="C0", label="neurons")
+        if np.any(ok & top):
+            ax.scatter(wd[ok & top], ri[ok & top], s=8, color="C3", label="top WD")
+        ax.axhline(0.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("WD (dense outputs)")
+        ax.set_title(f"{k} experts: Spearman ρ = {rho:.2f}", fontsize=9)
+    axes[0, 0].set_ylabel("RI = (err_SGPT - err_SE) / err_SGPT")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_expansion_panels(
+    dense, sparse_by_k: dict, labels_by_k: dict, title: str = "", bins: int = 80
+):
+    """The paper's second central figure: one neuron under Sparse Expansion as ``k`` grows.
+
+    Top row, one panel per ``k``: the dense output histogram and the sparse one (``k = 1`` is
+    SparseGPT), W1(sparse, dense) in the panel title — it shrinks as ``k`` grows for a
+    Wasserstein neuron. Bottom row: the dense outputs split by expert (stacked, one colour per
+    expert), with the cluster-size-weighted WD of the per-expert distributions,
+    :math:`\\sum_c (n_c / n)\\, \\mathrm{WD}_c`.
+
+    Parameters
+    ----------
+    dense : array-like, shape ``[tokens]``
+    sparse_by_k : dict[int, array-like]
+        ``k`` -> sparse outputs ``[tokens]``.
+    labels_by_k : dict[int, array-like]
+        ``k`` -> expert of every token ``[tokens]``.
+    title : str
+    bins : int
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from scipy.stats import wasserstein_distance
+
+    from .wasserstein import wasserstein_to_gaussian
+
+    ks = sorted(sparse_by_k)
+    dense = np.asarray(dense, dtype=np.float64).ravel()
+    lo, hi = _central_range(dense, *sparse_by_k.values())
+    fig, axes = plt.subplots(2, len(ks), figsize=(3.6 * len(ks), 5.8), squeeze=False)
+    for i, k in enumerate(ks):
+        ax = axes[0, i]
+        values = np.asarray(sparse_by_k[k], dtype=np.float64).ravel()
+        w1 = wasserstein_distance(values, dense)
+        ax.hist(
+            dense, bins=bins, range=(lo, hi), density=True, color="0.55", alpha=0.55, label="dense"
+        )
+        ax.hist(
+            values,
+            bins=bins,
+            range=(lo, hi),
+            density=True,
+            histtype="step",
+            lw=1.4,
+            color="C3",
+            label="SparseGPT" if k == 1 else f"SE, {k} experts",
+        )
+        ax.set_title(f"k={k}: W1(sparse, dense) = {w1:.3g}", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.set_yticks([])
+        labels = np.asarray(labels_by_k[k]).astype(np.int64).ravel()
+        sizes = np.bincount(labels, minlength=k)
+        wds = np.full(k, np.nan)
+        for c in range(k):
+            if sizes[c] >= 2:
+                wds[c] = float(wasserstein_to_gaussian(dense[labels == c][:, None])[0])
+        ok = np.isfinite(wds)
+        weighted = float(np.sum(sizes[ok] * wds[ok]) / np.sum(sizes[ok])) if ok.any() else np.nan
+        plot_outputs_by_expert(dense, labels, ax=axes[1, i], bins=bins)
+        axes[1, i].set_title(f"{k} expert(s): weighted per-expert WD = {weighted:.3f}", fontsize=9)
+        axes[1, i].set_xlim(lo, hi)
+        if i:
+            axes[1, i].set_ylabel("")
+    fig.suptitle(title or "Sparse Expansion of one neuron")
+    fig.tight_layout()
+    return fig
+
+
+def plot_w1_vs_k(
+    table: pd.DataFrame,
+    experts,
+    column: str = "w1_sparse_dense",
+    top_column: str = "is_top",
+    n_lines: int = 8,
+):
+    """W1 between sparse and dense output distributions vs the number of experts.
+
+    Medians over the top-WD neurons (``top_column``) and over all neurons, plus thin lines for
+    the ``n_lines`` highest-WD neurons. ``k = 1`` is read from ``{column}_k1`` or, when that is
+    absent, from ``{column}_sparsegpt``.
+
+    Parameters
+    ----------
+    table : pd.DataFrame
+        Per-neuron table with ``{column}_k{k}`` columns (and ``wd``).
+    experts : sequence of int
+    column : str
+        ``"w1_sparse_dense"`` (output units) or ``"w1z_sparse_dense"`` (in dense std units).
+    top_column : str
+    n_lines : int
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    ks = sorted(set(experts) | ({1} if f"{column}_sparsegpt" in table else set()))
+
+    def col(k: int) -> np.ndarray:
+        name = f"{column}_k{k}" if f"{column}_k{k}" in table else f"{column}_sparsegpt"
+        return table[name].to_numpy(dtype=np.float64)
+
+    values = np.stack([col(k) for k in ks], axis=1)  # [neurons, len(ks)]
+    top = (
+        table[top_column].to_numpy(dtype=bool)
+        if top_column in table
+        else np.zeros(len(table), bool)
+    )
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    order = np.argsort(-np.nan_to_num(table["wd"].to_numpy(dtype=np.float64), nan=-np.inf))
+    for j in order[:n_lines]:
+        ax.plot(ks, values[j], color="C3", lw=0.7, alpha=0.4)
+    if top.any():
+        ax.plot(
+            ks,
+            np.nanmedian(values[top], axis=0),
+            "o-",
+            color="C3",
+            lw=2,
+            label=f"median, top-WD neurons ({int(top.sum())})",
+        )
+    ax.plot(
+        ks,
+        np.nanmedian(values, axis=0),
+        "s-",
+        color="C0",
+        lw=2,
+        label=f"median, all neurons ({len(table)})",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("experts k (1 = SparseGPT)")
+    ax.set_ylabel("W1(sparse, dense)" + (" / dense std" if column.startswith("w1z") else ""))
+    ax.set_title("Sparse vs dense output distributions", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
