@@ -447,3 +447,59 @@ def plot_w1_vs_k(
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_expansion_grid(results: pd.DataFrame, title: str = "", log_y: bool = True):
+    """Perplexity vs sparsity: one line per method / number of experts.
+
+    ``results`` is the table of :func:`~wasserstein_neurons.expansion.grid.run_grid` (columns
+    ``method, experts, sparsity, prunen, prunem, perplexity``).  Unstructured sparsities are
+    placed left to right in increasing order, n:m patterns (e.g. ``2:4``) after them; the
+    ``dense`` row is drawn as a horizontal reference line.  SparseGPT is labelled as the k = 1
+    case of Sparse Expansion (SE).
+    """
+    df = results.copy()
+    df["pattern"] = [
+        f"{int(n)}:{int(m)}" if m else f"{s:g}"
+        for s, n, m in zip(df["sparsity"], df["prunen"], df["prunem"], strict=True)
+    ]
+    dense = df[df["method"] == "dense"]
+    df = df[df["method"] != "dense"]
+    order = sorted(df["pattern"].unique(), key=lambda p: (":" in p, _pattern_sparsity(p), p))
+    pos = {p: i for i, p in enumerate(order)}
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    if len(dense):
+        ax.axhline(dense["perplexity"].iloc[0], color="k", ls="--", lw=1, label="dense")
+    baselines = [m for m in df["method"].unique() if m not in ("sparsegpt", "sparse_expansion")]
+    series = [(m, df[df["method"] == m], m, "s--") for m in baselines]
+    se = df[df["method"].isin(["sparsegpt", "sparse_expansion"])]
+    for k in sorted(se["experts"].unique()):
+        label = "SparseGPT (SE k=1)" if k == 1 else f"SE k={int(k)}"
+        series.append((f"k{k}", se[se["experts"] == k], label, "o-"))
+    n_se = max(1, se["experts"].nunique())
+    cmap = plt.get_cmap("viridis")
+    for i, (key, group, label, style) in enumerate(series):
+        group = group.assign(x=group["pattern"].map(pos)).sort_values("x")
+        if key.startswith("k"):
+            j = i - len(baselines)
+            color = cmap(0.1 + 0.8 * j / max(1, n_se - 1))
+        else:
+            color = f"C{i + 3}"
+        ax.plot(group["x"], group["perplexity"], style, color=color, label=label)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlabel("sparsity of the MLP linears")
+    ax.set_ylabel("perplexity")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title or "Sparse Expansion vs one-shot pruning", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _pattern_sparsity(pattern: str) -> float:
+    """Sparsity of a pattern label: ``"0.7"`` -> 0.7, ``"2:4"`` -> 0.5."""
+    if ":" in pattern:
+        n, m = pattern.split(":")
+        return int(n) / int(m)
+    return float(pattern)

@@ -1,0 +1,1237 @@
+r"""Why Sparse Expansion works: a per-neuron disentanglement analysis of one linear layer.
+
+The study takes one MLP linear (default: the layer's first projection, Llama ``gate_proj``,
+GPT-NeoX ``dense_h_to_4h``, GPT-2 ``c_fc``) of one chosen layer and compares, neuron by
+neuron, three versions of it on **held-out** tokens:
+
+* the dense layer :math:`y = W x + b`;
+* SparseGPT: one copy of :math:`W` pruned with the Hessian of *all* calibration tokens;
+* Sparse Expansion (SE) with :math:`k` experts: a PCA + k-means router fitted on the
+  calibration inputs sends each token to one of :math:`k` copies of :math:`W`, copy :math:`c`
+  pruned by SparseGPT with the Hessian of cluster :math:`c`'s calibration tokens only
+  (:math:`H_c = \tfrac{2}{N_c} X_c^\top X_c`; an empty cluster falls back to the full Hessian).
+
+Scope
+-----
+This is a *single-layer* study, like the paper's layer-wise analysis (Sawmya et al., arXiv
+2405.15756): the layer's calibration and evaluation inputs both come from the **dense**
+model, so every difference is due to this layer alone. The model-level, sequential expansion
+(each layer calibrated on the outputs of the already-expanded earlier layers) is built by the
+Sparse Expansion builder in :mod:`wasserstein_neurons.expansion`; its perplexities are not
+comparable with the reconstruction errors here.
+
+Metrics (per neuron :math:`j`, over the :math:`M` held-out tokens)
+------------------------------------------------------------------
+Let :math:`Y \in \mathbb{R}^{M \times d_{out}}` be the dense outputs and :math:`\hat Y` a
+sparse reconstruction.
+
+* relative reconstruction error
+  :math:`e_j = \lVert \hat Y_{:,j} - Y_{:,j} \rVert_2 / \lVert Y_{:,j} \rVert_2`
+  (:func:`relative_error`);
+* relative improvement of SE over SparseGPT
+  :math:`\mathrm{RI}_j = (e^{\mathrm{SGPT}}_j - e^{\mathrm{SE}}_j) / e^{\mathrm{SGPT}}_j`
+  (:func:`relative_improvement`; the normalisation :math:`\lVert Y_{:,j} \rVert` cancels, so
+  RI is the relative drop of the raw error norm), and its Spearman correlation with the
+  neuron's WD (exact W1 of the z-scored dense outputs to N(0, 1)), compared with the
+  correlation with the output mean and variance (the paper's claim: WD predicts RI better);
+* :math:`W_1(\hat Y_{:,j}, Y_{:,j})`, the W1 distance between the sparse and dense output
+  distributions in output units, and the same divided by the dense standard deviation
+  :math:`\sigma_j` (equal to W1 after z-scoring both samples with the *dense* mean and std,
+  since W1 is equivariant under a common affine map);
+* cluster-size-weighted WD of the per-expert output distributions,
+  :math:`\overline{\mathrm{WD}}_j = \sum_c \tfrac{n_c}{n}\,\mathrm{WD}(Y_{S_c, j})`, where
+  :math:`S_c` are the held-out tokens routed to expert :math:`c` (:func:`weighted_expert_wd`),
+  next to the neuron's own WD and to a control in which the tokens are split at random into
+  groups of the same sizes (small samples have a larger W1 to N(0, 1) by chance alone);
+* mapping difficulty (:func:`mapping_difficulty`): how far apart the neuron sends close inputs.
+
+Outputs of :func:`run_disentangle` (in ``cfg.out``)
+---------------------------------------------------
+``neurons.csv`` (+ ``.parquet`` with pyarrow)   one row per neuron, see :data:`BASE_COLUMNS` and
+                                                :data:`PER_K_COLUMNS`
+``per_k.csv``                                   one row per number of experts: layer error,
+                                                medians, Spearman correlations
+``summary.json``                                the summary dict (also inside ``config.json``)
+``top_neuron_outputs.npz``                      dense / SparseGPT / SE outputs of the plotted
+                                                neurons on the held-out tokens, and the routing
+``*.png``                                       the figures (see :func:`save_disentangle_plots`)
+``config.json``                                 config, model, token counts, timings; written last
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import calibration_windows, evaluation_windows, load_tokens
+from .expansion import fit_router
+from .models import DEFAULT_MODEL, load_model
+from .pruning import PruneSpec, SparseGPTPruner
+from .ranking import check_percent, count_for_percent
+from .runs import prepare_run_dir, save_table, write_run_config
+from .wasserstein import neuron_statistics, wasserstein_between, wasserstein_to_gaussian
+
+__all__ = [
+    "BASE_COLUMNS",
+    "DEFAULT_EXPERTS",
+    "PER_K_COLUMNS",
+    "DisentangleConfig",
+    "DisentangleResult",
+    "NeuronOutputs",
+    "check_layer",
+    "collect_linear_inputs",
+    "disentangle_linear",
+    "linear_outputs",
+    "mapping_difficulty",
+    "prune_experts",
+    "random_pairs",
+    "relative_error",
+    "relative_improvement",
+    "routed_outputs",
+    "run_disentangle",
+    "save_disentangle_plots",
+    "weighted_expert_wd",
+]
+
+#: Numbers of experts studied by default (``1`` is the SparseGPT baseline itself).
+DEFAULT_EXPERTS = (1, 2, 4, 8, 16)
+
+#: Per-neuron columns that do not depend on the number of experts.
+BASE_COLUMNS = (
+    "neuron",
+    "wd",
+    "mean",
+    "variance",
+    "std",
+    "skew",
+    "kurtosis",
+    "constant",
+    "wd_rank",
+    "is_top",
+    "mapping_difficulty",
+    "err_sparsegpt",
+    "w1_sparse_dense_sparsegpt",
+    "w1z_sparse_dense_sparsegpt",
+)
+
+#: Per-neuron columns written once per number of experts ``K`` as ``{name}_k{K}``.
+PER_K_COLUMNS = (
+    "err_se",
+    "ri",
+    "w1_sparse_dense",
+    "w1z_sparse_dense",
+    "weighted_expert_wd",
+    "weighted_random_wd",
+)
+
+_ROW_CHUNK = 8192  # tokens per matmul / error chunk
+
+
+# ============================================================================================
+# Small, independently testable pieces
+# ============================================================================================
+
+
+def check_layer(adapter, layer: int) -> int:
+    """Validate a layer index against an architecture adapter.
+
+    Parameters
+    ----------
+    adapter : ArchitectureAdapter
+    layer : int
+
+    Returns
+    -------
+    int
+        ``layer``.
+
+    Raises
+    ------
+    ValueError
+        If ``layer`` is not an integer in ``[0, n_layers)``; the message gives the valid range.
+    """
+    n = adapter.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int | np.integer) or not 0 <= layer < n:
+        raise ValueError(
+            f"layer {layer!r} is out of range: the model has {n} layers, valid layers are "
+            f"0..{n - 1}"
+        )
+    return int(layer)
+
+
+def _resolve_role(adapter, role: str | None) -> str:
+    role = adapter.first_role if role is None else role
+    adapter.spec(role)  # raises a ValueError listing the valid roles
+    return role
+
+
+def _as_numpy(a) -> np.ndarray:
+    if isinstance(a, Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def relative_error(y_sparse, y_dense, chunk: int = _ROW_CHUNK) -> np.ndarray:
+    r"""Per-neuron relative reconstruction error.
+
+    .. math::
+
+        e_j = \frac{\lVert \hat Y_{:,j} - Y_{:,j} \rVert_2}{\lVert Y_{:,j} \rVert_2}
+            = \sqrt{\frac{\sum_t (\hat y_{tj} - y_{tj})^2}{\sum_t y_{tj}^2}}
+
+    Parameters
+    ----------
+    y_sparse, y_dense : np.ndarray or Tensor, shape ``[tokens, neurons]``
+        Sparse and dense outputs of the same tokens. Sums are accumulated in float64, ``chunk``
+        tokens at a time (no full-size temporary).
+    chunk : int
+        Tokens per step.
+
+    Returns
+    -------
+    np.ndarray
+        float64, shape ``[neurons]``; NaN where the dense column is identically zero.
+    """
+    ys, yd = _as_numpy(y_sparse), _as_numpy(y_dense)
+    if ys.shape != yd.shape or ys.ndim != 2:
+        raise ValueError(
+            f"y_sparse and y_dense must both be [tokens, neurons], got {ys.shape} and {yd.shape}"
+        )
+    num = np.zeros(ys.shape[1])
+    den = np.zeros(ys.shape[1])
+    for i in range(0, ys.shape[0], chunk):
+        d = yd[i : i + chunk].astype(np.float64)
+        num += np.square(ys[i : i + chunk] - d).sum(0)
+        den += np.square(d).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, np.sqrt(num / np.where(den > 0, den, 1.0)), np.nan)
+
+
+def relative_improvement(err_baseline, err_new) -> np.ndarray:
+    r"""Relative improvement of a method over a baseline, per neuron.
+
+    .. math:: \mathrm{RI}_j = \frac{e^{\mathrm{base}}_j - e^{\mathrm{new}}_j}{e^{\mathrm{base}}_j}
+
+    Positive when the new method reconstructs neuron :math:`j` better; 1 means perfect.
+
+    Parameters
+    ----------
+    err_baseline, err_new : array-like, shape ``[neurons]``
+
+    Returns
+    -------
+    np.ndarray
+        float64, shape ``[neurons]``; NaN where the baseline error is 0 or NaN.
+    """
+    base = np.asarray(err_baseline, dtype=np.float64)
+    new = np.asarray(err_new, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base > 0, (base - new) / np.where(base > 0, base, 1.0), np.nan)
+
+
+def weighted_expert_wd(y, labels, n_clusters: int | None = None, min_tokens: int = 2) -> np.ndarray:
+    r"""Cluster-size-weighted WD of the per-expert output distributions.
+
+    .. math::
+
+        \overline{\mathrm{WD}}_j = \frac{\sum_{c \in V_j} n_c\, \mathrm{WD}(Y_{S_c, j})}
+                                        {\sum_{c \in V_j} n_c},
+
+    with :math:`S_c` the tokens routed to cluster :math:`c`, :math:`n_c = |S_c|` and
+    :math:`\mathrm{WD}` the exact W1 distance of the z-scored sample to N(0, 1)
+    (:func:`~wasserstein_neurons.wasserstein.wasserstein_to_gaussian`). :math:`V_j` holds the
+    clusters with at least ``min_tokens`` tokens on which neuron :math:`j` is not constant; when
+    every cluster qualifies the weights are exactly :math:`n_c / n`. With one cluster this is the
+    neuron's own WD.
+
+    Parameters
+    ----------
+    y : np.ndarray or Tensor, shape ``[tokens, neurons]``
+        Dense outputs.
+    labels : array-like of int, shape ``[tokens]``
+        Cluster (expert) of each token.
+    n_clusters : int, optional
+        Number of clusters (default ``labels.max() + 1``).
+    min_tokens : int
+        Clusters with fewer tokens are left out (W1 to N(0, 1) needs at least 2 values).
+
+    Returns
+    -------
+    np.ndarray
+        float64, shape ``[neurons]``; NaN where no cluster qualifies.
+    """
+    y = _as_numpy(y)
+    labels = _as_numpy(labels).astype(np.int64).ravel()
+    if y.ndim != 2 or labels.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"need y [tokens, neurons] and labels [tokens], got {y.shape}, {labels.shape}"
+        )
+    k = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
+    acc = np.zeros(y.shape[1])
+    norm = np.zeros(y.shape[1])
+    counts = np.bincount(labels, minlength=k)
+    for c in range(k):
+        if counts[c] < max(2, min_tokens):
+            continue
+        wd = wasserstein_to_gaussian(y[labels == c]).numpy()
+        ok = np.isfinite(wd)
+        acc[ok] += counts[c] * wd[ok]
+        norm[ok] += counts[c]
+    with np.errstate(invalid="ignore"):
+        return np.where(norm > 0, acc / np.where(norm > 0, norm, 1.0), np.nan)
+
+
+def random_pairs(n: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random token pairs ``(a, b)`` with ``a != b``, drawn uniformly with replacement.
+
+    Parameters
+    ----------
+    n : int
+        Number of tokens (at least 2).
+    n_pairs : int
+        Number of pairs.
+    seed : int
+        Seed of ``np.random.default_rng``.
+
+    Returns
+    -------
+    a, b : np.ndarray
+        int64, shape ``[n_pairs]`` each.
+    """
+    if n < 2:
+        raise ValueError(f"random pairs need at least 2 tokens, got {n}")
+    if n_pairs < 1:
+        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, size=n_pairs)
+    b = rng.integers(0, n - 1, size=n_pairs)
+    b += b >= a  # uniform over the other n - 1 tokens
+    return a, b
+
+
+def mapping_difficulty(
+    x,
+    y,
+    n_pairs: int = 32768,
+    seed: int = 0,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    neuron_chunk: int = 256,
+) -> np.ndarray:
+    r"""How far apart a neuron maps close inputs: mean normalised output / input distance ratio.
+
+    For random token pairs :math:`p = (a, b)` (:func:`random_pairs`) with input distance
+    :math:`\Delta x_p = \lVert x_a - x_b \rVert_2` and output distance
+    :math:`\Delta y_{pj} = |y_{aj} - y_{bj}|`,
+
+    .. math::
+
+        \mathrm{MD}_j = \frac{1}{|P|} \sum_{p \in P}
+            \frac{\Delta y_{pj} / \operatorname{median}_{q \in P} \Delta y_{qj}}
+                 {\Delta x_p / \max_{q \in P} \Delta x_q}.
+
+    This is our reading of DESIGN.md §1 ("mean ratio of normalised output distance to
+    normalised input distance over random token pairs; outputs scaled by the median
+    :math:`|\Delta y|`, inputs by the max :math:`\lVert \Delta x \rVert`"): the output scale is
+    per neuron (so MD does not depend on the neuron's units or spread), the input scale is one
+    number for the layer (so it rescales every neuron of the layer alike and does not change
+    their ranking). A neuron with a large MD maps many close input pairs to output differences
+    that are large relative to its typical one. Pairs with :math:`\Delta x_p = 0` (identical
+    inputs, e.g. the same token at the start of two windows) are left out, since the ratio is
+    undefined for them.
+
+    Parameters
+    ----------
+    x : np.ndarray or Tensor, shape ``[tokens, d_in]``
+        Inputs of the layer.
+    y : np.ndarray or Tensor, shape ``[tokens, neurons]``
+        Outputs of the neurons for the same tokens.
+    n_pairs : int
+        Number of random pairs (ignored when ``pairs`` is given).
+    seed : int
+        Seed of the pair draw.
+    pairs : tuple of two int arrays ``[P]``, optional
+        Explicit pairs ``(a, b)``.
+    neuron_chunk : int
+        Neurons processed at once (peak memory about ``P * neuron_chunk * 8`` bytes).
+
+    Returns
+    -------
+    np.ndarray
+        float64, shape ``[neurons]``; NaN for a neuron whose median :math:`\Delta y` is 0
+        (e.g. a constant neuron).
+    """
+    x, y = _as_numpy(x), _as_numpy(y)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"need x [tokens, d_in] and y [tokens, neurons], got {x.shape}, {y.shape}")
+    a, b = random_pairs(x.shape[0], n_pairs, seed) if pairs is None else map(np.asarray, pairs)
+    dx = np.linalg.norm(x[a].astype(np.float64) - x[b].astype(np.float64), axis=1)
+    keep = dx > 0
+    if not keep.any():
+        return np.full(y.shape[1], np.nan)
+    a, b, dx = a[keep], b[keep], dx[keep]
+    dx_norm = dx / dx.max()  # [P] in (0, 1]
+    out = np.empty(y.shape[1])
+    for j0 in range(0, y.shape[1], neuron_chunk):
+        j1 = min(j0 + neuron_chunk, y.shape[1])
+        dy = np.abs(y[a, j0:j1].astype(np.float64) - y[b, j0:j1])  # [P, c]
+        med = np.median(dy, axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (dy / dx_norm[:, None]).mean(0)
+            out[j0:j1] = np.where(med > 0, ratio / np.where(med > 0, med, 1.0), np.nan)
+    return out
+
+
+@torch.no_grad()
+def linear_outputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, device=None, chunk: int = _ROW_CHUNK
+) -> np.ndarray:
+    r"""Outputs :math:`Y = X W^\top + b` of a linear layer, computed in row chunks.
+
+    Parameters
+    ----------
+    x : Tensor, shape ``[tokens, d_in]``
+    weight : Tensor, shape ``[d_out, d_in]``
+    bias : Tensor, shape ``[d_out]``, optional
+    device : torch.device or str, optional
+        Where the products run (default ``weight``'s device).
+
+    Returns
+    -------
+    np.ndarray
+        float32, CPU, shape ``[tokens, d_out]``.
+    """
+    device = weight.device if device is None else torch.device(device)
+    w = weight.to(device=device, dtype=torch.float32)
+    b = None if bias is None else bias.to(device=device, dtype=torch.float32)
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i : i + chunk].to(device=device, dtype=torch.float32)
+        yi = xi @ w.T if b is None else torch.addmm(b, xi, w.T)
+        out[i : i + chunk] = yi.cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def routed_outputs(
+    x: Tensor,
+    experts: Sequence[Tensor],
+    labels: Tensor,
+    bias: Tensor | None = None,
+    device=None,
+) -> np.ndarray:
+    r"""Outputs of a mixture of experts with hard routing: :math:`y_t = W_{e(t)} x_t + b`.
+
+    Parameters
+    ----------
+    x : Tensor, shape ``[tokens, d_in]``
+    experts : sequence of ``k`` Tensors, shape ``[d_out, d_in]`` each
+    labels : LongTensor, shape ``[tokens]``
+        Expert of each token, in ``[0, k)``.
+    bias : Tensor, shape ``[d_out]``, optional
+        Shared by all experts.
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    np.ndarray
+        float32, CPU, shape ``[tokens, d_out]``.
+    """
+    labels = torch.as_tensor(labels).cpu().long()
+    out = np.empty((x.shape[0], experts[0].shape[0]), dtype=np.float32)
+    for c, w in enumerate(experts):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel():
+            out[idx.numpy()] = linear_outputs(x[idx], w, bias, device=device)
+    return out
+
+
+@torch.no_grad()
+def prune_experts(
+    weight: Tensor,
+    x: Tensor,
+    labels: Tensor,
+    n_clusters: int,
+    spec: PruneSpec,
+    full_hessian: Tensor | None = None,
+    device=None,
+    chunk: int = _ROW_CHUNK,
+) -> tuple[list[Tensor], list[int]]:
+    r"""One SparseGPT expert per cluster, each pruned with its own cluster's Hessian.
+
+    Expert :math:`c` is :math:`W` pruned by SparseGPT with
+    :math:`H_c = \tfrac{2}{N_c} \sum_{t \in S_c} x_t x_t^\top` (:class:`SparseGPTPruner`); a
+    cluster with no calibration token uses ``full_hessian`` (the Hessian of all tokens)
+    instead, i.e. its expert is the SparseGPT baseline.
+
+    Parameters
+    ----------
+    weight : Tensor, shape ``[d_out, d_in]``
+        Dense weight (not modified).
+    x : Tensor, shape ``[tokens, d_in]``
+        Calibration inputs.
+    labels : LongTensor, shape ``[tokens]``
+        Cluster of each calibration token.
+    n_clusters : int
+    spec : PruneSpec
+    full_hessian : Tensor, shape ``[d_in, d_in]``, optional
+        Needed only if a cluster is empty.
+    device : torch.device or str, optional
+        Where Hessians are accumulated and pruning runs (default ``weight``'s device).
+
+    Returns
+    -------
+    experts : list of ``n_clusters`` Tensors, shape ``[d_out, d_in]`` (float32)
+    counts : list of int
+        Calibration tokens per cluster.
+    """
+    device = weight.device if device is None else torch.device(device)
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    labels = torch.as_tensor(labels).cpu().long()
+    experts, counts = [], []
+    for c in range(n_clusters):
+        idx = (labels == c).nonzero().flatten()
+        counts.append(int(idx.numel()))
+        if idx.numel() == 0:
+            if full_hessian is None:
+                raise ValueError(f"cluster {c} is empty and no full_hessian was given")
+            pruner = SparseGPTPruner.from_hessian(full_hessian.to(device), nsamples=x.shape[0])
+        else:
+            pruner = SparseGPTPruner(w.shape[1], device=device)
+            for i in range(0, idx.numel(), chunk):
+                pruner.add_batch(x[idx[i : i + chunk]])
+        experts.append(pruner.prune(w, spec).weight)
+    return experts, counts
+
+
+@torch.no_grad()
+def collect_linear_inputs(
+    model,
+    windows: Tensor,
+    layer: int,
+    role: str | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Tensor:
+    """Inputs of one MLP linear for every token of ``windows``, via a TransformerLens hook.
+
+    The hook ``adapter.input_hook_name(layer, role)`` (``blocks.{layer}.mlp.{gate|in|out}.hook_in``)
+    sees the linear's input ``[batch, pos, d_in]``; the forward pass stops after ``layer``.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    windows : LongTensor, shape ``[n_windows, seqlen]``
+        Token ids (no BOS is added).
+    layer : int
+    role : str, optional
+        ``"gate"``, ``"up"`` or ``"down"`` (default: ``adapter.first_role``).
+    batch_size : int
+        Windows per forward pass.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    Tensor
+        float32, CPU, shape ``[n_windows * seqlen, d_in]``; row ``i * seqlen + p`` is window
+        ``i``, position ``p``.
+    """
+    adapter = model.adapter
+    layer = check_layer(adapter, layer)
+    role = _resolve_role(adapter, role)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n_windows, seqlen], got {tuple(windows.shape)}")
+    name = adapter.input_hook_name(layer, role)
+    d_in = adapter.weight(model.hf_model, layer, role).shape[1]
+    n_windows, seqlen = windows.shape
+    out = torch.empty(n_windows * seqlen, d_in, dtype=torch.float32)
+    pos = [0]
+
+    def hook(act: Tensor, hook) -> None:
+        flat = act.detach().reshape(-1, act.shape[-1])
+        out[pos[0] : pos[0] + flat.shape[0]] = flat.to(device="cpu", dtype=torch.float32)
+        pos[0] += flat.shape[0]
+
+    stop = layer + 1 if layer < adapter.n_layers - 1 else None
+    for start in tqdm(
+        range(0, n_windows, batch_size), desc=f"inputs L{layer}", disable=not progress
+    ):
+        batch = windows[start : start + batch_size].to(model.device)
+        model.bridge.run_with_hooks(
+            batch, fwd_hooks=[(name, hook)], return_type=None, stop_at_layer=stop
+        )
+    if pos[0] != out.shape[0]:
+        raise RuntimeError(f"hook {name} delivered {pos[0]} of {out.shape[0]} token inputs")
+    return out
+
+
+# ============================================================================================
+# The analysis
+# ============================================================================================
+
+
+@dataclass
+class NeuronOutputs:
+    """Held-out outputs of a few neurons (the top-WD ones), for figures.
+
+    Attributes
+    ----------
+    neurons : np.ndarray, int64, shape ``[P]``
+        Neuron indices, highest WD first.
+    wd : np.ndarray, shape ``[P]``
+        Their WD.
+    dense : np.ndarray, float32, shape ``[tokens, P]``
+    sparsegpt : np.ndarray, float32, shape ``[tokens, P]``
+    se : dict[int, np.ndarray]
+        Number of experts ``k`` -> SE outputs ``[tokens, P]``.
+    labels : dict[int, np.ndarray]
+        ``k`` -> expert of every held-out token, int64 ``[tokens]``.
+    """
+
+    neurons: np.ndarray
+    wd: np.ndarray
+    dense: np.ndarray
+    sparsegpt: np.ndarray
+    se: dict[int, np.ndarray] = field(default_factory=dict)
+    labels: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write everything to one ``.npz`` file (keys ``se_k{K}``, ``labels_k{K}``)."""
+        arrays = {
+            "neurons": self.neurons,
+            "wd": self.wd,
+            "dense": self.dense,
+            "sparsegpt": self.sparsegpt,
+        }
+        arrays.update({f"se_k{k}": v for k, v in self.se.items()})
+        arrays.update({f"labels_k{k}": v for k, v in self.labels.items()})
+        np.savez_compressed(path, **arrays)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeuronOutputs:
+        """Read a file written by :meth:`save`."""
+        with np.load(path) as f:
+            se = {int(k[4:]): f[k] for k in f.files if k.startswith("se_k")}
+            labels = {int(k[8:]): f[k] for k in f.files if k.startswith("labels_k")}
+            return cls(f["neurons"], f["wd"], f["dense"], f["sparsegpt"], se, labels)
+
+
+@dataclass
+class DisentangleResult:
+    """What :func:`disentangle_linear` / :func:`run_disentangle` return.
+
+    Attributes
+    ----------
+    table : pd.DataFrame
+        One row per neuron: :data:`BASE_COLUMNS` plus ``{name}_k{K}`` for every ``name`` in
+        :data:`PER_K_COLUMNS` and every number of experts ``K`` (and ``layer, hook`` from
+        :func:`run_disentangle`).
+    per_k : pd.DataFrame
+        One row per ``K``: ``layer_err`` (Frobenius relative error of the whole layer), medians
+        of the per-neuron metrics over all neurons and over the top-WD neurons, Spearman
+        correlations of RI with WD / mean / variance / kurtosis, cluster sizes.
+    summary : dict
+        JSON-ready: settings, token counts, SparseGPT baseline, ``per_k`` as a list of dicts,
+        mapping-difficulty correlations, timings.
+    outputs : NeuronOutputs
+        Held-out outputs of the plotted neurons.
+    out : Path or None
+        Run folder (``run_disentangle`` only).
+    """
+
+    table: pd.DataFrame
+    per_k: pd.DataFrame
+    summary: dict
+    outputs: NeuronOutputs
+    out: Path | None = None
+
+
+def _spearman(a, b) -> tuple[float, float]:
+    """Spearman ρ and p-value over the entries finite in both; NaN if undefined."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+        return float("nan"), float("nan")
+    res = spearmanr(a[ok], b[ok])
+    return float(res.statistic), float(res.pvalue)
+
+
+def _median(a) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def _frobenius_error(y_sparse: np.ndarray, y_dense: np.ndarray) -> float:
+    num = den = 0.0
+    for i in range(0, y_dense.shape[0], _ROW_CHUNK):
+        d = y_dense[i : i + _ROW_CHUNK].astype(np.float64)
+        num += float(np.square(y_sparse[i : i + _ROW_CHUNK] - d).sum())
+        den += float(np.square(d).sum())
+    return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+def _resolve_experts(experts) -> list[int]:
+    if isinstance(experts, str):
+        experts = [e for e in experts.replace(" ", "").split(",") if e]
+    try:
+        values = sorted({int(e) for e in experts})
+    except (TypeError, ValueError):
+        raise ValueError(f"experts must be positive integers, got {experts!r}") from None
+    if not values or values[0] < 1:
+        raise ValueError(f"experts must be positive integers, got {experts!r}")
+    return values
+
+
+@torch.no_grad()
+def disentangle_linear(
+    x_cal: Tensor,
+    x_eval: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    experts: Sequence[int] | str = DEFAULT_EXPERTS,
+    spec: PruneSpec | None = None,
+    pca_factor: int | None = 32,
+    kmeans_restarts: int = 10,
+    seed: int = 0,
+    top_percent: float = 3.0,
+    plot_neurons: int = 4,
+    mapping_pairs: int = 32768,
+    device=None,
+    progress: bool = False,
+) -> DisentangleResult:
+    r"""Compare dense, SparseGPT and Sparse Expansion outputs of one linear, neuron by neuron.
+
+    Parameters
+    ----------
+    x_cal : Tensor, shape ``[N, d_in]``
+        Calibration inputs of the layer (Hessians and router). Any float dtype; kept on CPU.
+    x_eval : Tensor, shape ``[M, d_in]``
+        Held-out inputs on which every metric is measured.
+    weight : Tensor, shape ``[d_out, d_in]``
+        Dense weight (``nn.Linear`` layout; not modified).
+    bias : Tensor, shape ``[d_out]``, optional
+        Shared by every sparse version (pruning leaves it untouched).
+    experts : sequence of int or comma-separated str
+        Numbers of experts ``K`` to study. ``K = 1`` is SparseGPT itself: its columns reuse the
+        baseline (so ``ri_k1`` is exactly 0), a built-in control.
+    spec : PruneSpec, optional
+        Sparsity pattern of every sparse copy (default ``PruneSpec(sparsity=0.9)``, the
+        paper's setting for this analysis).
+    pca_factor : int or None
+        Router PCA dimension ``d_in // pca_factor`` (paper: 32; ``None``/0: no PCA).
+    kmeans_restarts : int
+        k-means++ restarts of each router (paper: 100; 10 by default to save time, the best
+        inertia differs by ~0.1%).
+    seed : int
+        Seed of the routers, the random partition control and the mapping-difficulty pairs.
+    top_percent : float
+        Wasserstein neurons = the top ``top_percent``% by WD (paper: 3).
+    plot_neurons : int
+        Keep the held-out outputs of this many top-WD neurons for figures.
+    mapping_pairs : int
+        Random token pairs for :func:`mapping_difficulty`.
+    device : torch.device or str, optional
+        Where matmuls, Hessians, routers and pruning run (default ``weight``'s device).
+    progress : bool
+        Show a tqdm bar over the numbers of experts.
+
+    Returns
+    -------
+    DisentangleResult
+
+    Notes
+    -----
+    Memory: the inputs, the dense outputs ``[M, d_out]`` and one sparse output ``[M, d_out]``
+    (float32) at a time; the SE outputs of each ``K`` are dropped after its metrics are taken,
+    except the columns of the plotted neurons.
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    ks = _resolve_experts(experts)
+    spec = PruneSpec(sparsity=0.9) if spec is None else spec
+    check_percent(top_percent)
+    if x_cal.ndim != 2 or x_eval.ndim != 2 or weight.ndim != 2:
+        raise ValueError("x_cal, x_eval must be [tokens, d_in] and weight [d_out, d_in]")
+    d_out, d_in = weight.shape
+    if x_cal.shape[1] != d_in or x_eval.shape[1] != d_in:
+        raise ValueError(
+            f"input widths {x_cal.shape[1]} / {x_eval.shape[1]} do not match the weight's "
+            f"d_in={d_in}"
+        )
+    if x_eval.shape[0] < 2:
+        raise ValueError("need at least 2 held-out tokens")
+    device = weight.device if device is None else torch.device(device)
+    x_cal = x_cal.detach().to(device="cpu", dtype=torch.float32)
+    x_eval = x_eval.detach().to(device="cpu", dtype=torch.float32)
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    b = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
+
+    # ---- dense outputs and their statistics ------------------------------------------------
+    t0 = time.perf_counter()
+    y_dense = linear_outputs(x_eval, w, b, device=device)  # [M, d_out] float32
+    stats = neuron_statistics(y_dense)
+    wd = stats["wd"]
+    n_top = count_for_percent(d_out, top_percent)
+    order = np.argsort(np.where(np.isfinite(wd), -wd, np.inf), kind="stable")
+    wd_rank = np.empty(d_out, dtype=np.int64)
+    wd_rank[order] = np.arange(d_out)
+    is_top = wd_rank < n_top
+    is_top &= np.isfinite(wd)
+    plot_idx = order[: min(plot_neurons, d_out)]
+    plot_idx = plot_idx[np.isfinite(wd[plot_idx])]
+    table = pd.DataFrame(
+        {
+            "neuron": np.arange(d_out),
+            "wd": wd,
+            "mean": stats["mean"],
+            "variance": stats["std"] ** 2,
+            "std": stats["std"],
+            "skew": stats["skew"],
+            "kurtosis": stats["kurtosis"],
+            "constant": stats["constant"],
+            "wd_rank": wd_rank,
+            "is_top": is_top,
+        }
+    )
+    seconds["dense"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    table["mapping_difficulty"] = mapping_difficulty(
+        x_eval.numpy(), y_dense, n_pairs=mapping_pairs, seed=seed
+    )
+    seconds["mapping_difficulty"] = time.perf_counter() - t0
+
+    # ---- SparseGPT baseline (full calibration Hessian) -------------------------------------
+    t0 = time.perf_counter()
+    full = SparseGPTPruner(d_in, device=device)
+    for i in range(0, x_cal.shape[0], _ROW_CHUNK):
+        full.add_batch(x_cal[i : i + _ROW_CHUNK])
+    w_sgpt = full.prune(w, spec).weight
+    y_sparse = linear_outputs(x_eval, w_sgpt, b, device=device)
+    err_sgpt = relative_error(y_sparse, y_dense)
+    w1_sgpt = wasserstein_between(y_dense, y_sparse).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w1z_sgpt = np.where(stats["std"] > 0, w1_sgpt / stats["std"], np.nan)
+    table["err_sparsegpt"] = err_sgpt
+    table["w1_sparse_dense_sparsegpt"] = w1_sgpt
+    table["w1z_sparse_dense_sparsegpt"] = w1z_sgpt
+    layer_err_sgpt = _frobenius_error(y_sparse, y_dense)
+    outputs = NeuronOutputs(
+        neurons=plot_idx.astype(np.int64),
+        wd=wd[plot_idx],
+        dense=np.ascontiguousarray(y_dense[:, plot_idx]),
+        sparsegpt=np.ascontiguousarray(y_sparse[:, plot_idx]),
+    )
+    del y_sparse
+    seconds["sparsegpt"] = time.perf_counter() - t0
+
+    # ---- Sparse Expansion, one number of experts at a time ---------------------------------
+    per_k_rows = []
+    top = table["is_top"].to_numpy()
+    for k in tqdm(ks, desc="experts", disable=not progress):
+        t0 = time.perf_counter()
+        if k == 1:
+            labels_eval = np.zeros(x_eval.shape[0], dtype=np.int64)
+            cal_counts = [x_cal.shape[0]]
+            err_se, w1, w1z = err_sgpt, w1_sgpt, w1z_sgpt
+            layer_err = layer_err_sgpt
+            outputs.se[k] = outputs.sparsegpt.copy()
+        else:
+            router = fit_router(
+                x_cal,
+                k,
+                pca_factor=pca_factor,
+                restarts=kmeans_restarts,
+                seed=seed,
+                device=device,
+            )
+            labels_cal = router.route(x_cal).cpu()
+            experts_w, cal_counts = prune_experts(
+                w, x_cal, labels_cal, k, spec, full_hessian=full.H, device=device
+            )
+            labels_eval = router.route(x_eval).cpu().numpy().astype(np.int64)
+            y_sparse = routed_outputs(x_eval, experts_w, torch.from_numpy(labels_eval), b, device)
+            del experts_w
+            err_se = relative_error(y_sparse, y_dense)
+            w1 = wasserstein_between(y_dense, y_sparse).numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w1z = np.where(stats["std"] > 0, w1 / stats["std"], np.nan)
+            layer_err = _frobenius_error(y_sparse, y_dense)
+            outputs.se[k] = np.ascontiguousarray(y_sparse[:, plot_idx])
+            del y_sparse
+        outputs.labels[k] = labels_eval
+        ri = relative_improvement(err_sgpt, err_se)
+        wexp = weighted_expert_wd(y_dense, labels_eval, k)
+        shuffled = np.random.default_rng([seed, k]).permutation(labels_eval)
+        wrand = weighted_expert_wd(y_dense, shuffled, k)
+        for name, values in zip(PER_K_COLUMNS, (err_se, ri, w1, w1z, wexp, wrand), strict=True):
+            table[f"{name}_k{k}"] = values
+        eval_counts = np.bincount(labels_eval, minlength=k)
+        row = {
+            "experts": k,
+            "layer_err": layer_err,
+            "median_err": _median(err_se),
+            "median_err_top": _median(err_se[top]),
+            "median_ri": _median(ri),
+            "median_ri_top": _median(ri[top]),
+            "frac_ri_positive": float(np.mean(ri[np.isfinite(ri)] > 0)) if k > 1 else 0.0,
+        }
+        for other in ("wd", "mean", "variance", "kurtosis"):
+            rho, p = _spearman(ri, table[other]) if k > 1 else (float("nan"),) * 2
+            row[f"spearman_ri_{other}"] = rho
+            row[f"pvalue_ri_{other}"] = p
+        row.update(
+            {
+                "median_w1_top": _median(w1[top]),
+                "median_w1_all": _median(w1),
+                "median_w1z_top": _median(w1z[top]),
+                "median_w1z_all": _median(w1z),
+                "median_weighted_wd_top": _median(wexp[top]),
+                "median_weighted_wd_all": _median(wexp),
+                "median_weighted_random_wd_top": _median(wrand[top]),
+                "median_weighted_random_wd_all": _median(wrand),
+                "min_cluster_calibration_tokens": int(min(cal_counts)),
+                "max_cluster_calibration_tokens": int(max(cal_counts)),
+                "min_cluster_eval_tokens": int(eval_counts.min()),
+                "max_cluster_eval_tokens": int(eval_counts.max()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        per_k_rows.append(row)
+        seconds[f"experts_{k}"] = row["seconds"]
+    per_k = pd.DataFrame(per_k_rows)
+
+    md = table["mapping_difficulty"].to_numpy()
+    rho_md, p_md = _spearman(md, wd)
+    seconds["total"] = time.perf_counter() - t_start
+    summary = {
+        "n_calibration_tokens": int(x_cal.shape[0]),
+        "n_eval_tokens": int(x_eval.shape[0]),
+        "d_in": int(d_in),
+        "d_out": int(d_out),
+        "experts": ks,
+        "spec": {
+            "sparsity": spec.sparsity,
+            "prunen": spec.prunen,
+            "prunem": spec.prunem,
+            "wbits": spec.wbits,
+        },
+        "top_percent": float(top_percent),
+        "n_top": int(is_top.sum()),
+        "top_neurons": order[: int(is_top.sum())].tolist(),
+        "median_wd_top": _median(wd[top]),
+        "median_wd_all": _median(wd),
+        "sparsegpt": {
+            "layer_err": layer_err_sgpt,
+            "median_err": _median(err_sgpt),
+            "median_err_top": _median(err_sgpt[top]),
+            "median_w1_top": _median(w1_sgpt[top]),
+            "median_w1_all": _median(w1_sgpt),
+        },
+        "mapping_difficulty": {
+            "pairs": int(mapping_pairs),
+            "median_top": _median(md[top]),
+            "median_all": _median(md),
+            "spearman_md_wd": rho_md,
+            "pvalue_md_wd": p_md,
+        },
+        "per_k": per_k.to_dict(orient="records"),
+        "seconds": seconds,
+    }
+    return DisentangleResult(table=table, per_k=per_k, summary=summary, outputs=outputs)
+
+
+# ============================================================================================
+# Workflow
+# ============================================================================================
+
+
+@dataclass
+class DisentangleConfig:
+    """Knobs of a ``disentangle`` run (CLI flags of the same names).
+
+    Attributes
+    ----------
+    out : str
+        Run folder.
+    model, dataset : str
+        Model name / folder and corpus (``"embedded"``, ``"wikitext2"`` or a text file).
+    layer : int
+        Decoder layer studied.
+    role : str or None
+        Linear studied (``"gate"``, ``"up"``, ``"down"``); default the first projection.
+    sparsity : float
+        Per-row sparsity of every sparse copy (paper's analysis: 0.9).
+    prunen, prunem : int
+        n:m sparsity instead of ``sparsity`` when set (``sparsity`` is then ignored).
+    experts : sequence of int or comma-separated str
+        Numbers of experts ``K`` (``1`` = SparseGPT).
+    nsamples, seqlen : int
+        Calibration windows (random, seeded) and their length: 128 x 512 = 64k tokens, i.e.
+        about 4k per expert at ``K = 16`` (DESIGN.md §1: SE needs thousands per expert).
+    eval_tokens : int
+        Held-out tokens (consecutive windows of the evaluation split).
+    pca_factor, kmeans_restarts : int
+        Router settings (paper: 32 and 100).
+    top_percent : float
+        Wasserstein neurons = top ``top_percent``% by WD.
+    plot_neurons : int
+        Top-WD neurons whose outputs are kept and plotted.
+    mapping_pairs : int
+        Random pairs for the mapping difficulty.
+    batch_size : int
+        Windows per forward pass when collecting inputs.
+    seed : int
+        Calibration windows, routers, pairs.
+    device, dtype : str
+        Model device / dtype (the analysis itself runs in float32 on ``device``).
+    overwrite : bool
+        Replace a finished run in ``out``.
+    """
+
+    out: str = "runs/disentangle"
+    model: str = DEFAULT_MODEL
+    dataset: str = "embedded"
+    layer: int = 5
+    role: str | None = None
+    sparsity: float = 0.9
+    prunen: int = 0
+    prunem: int = 0
+    experts: Sequence[int] | str = DEFAULT_EXPERTS
+    nsamples: int = 128
+    seqlen: int = 512
+    eval_tokens: int = 32768
+    pca_factor: int = 32
+    kmeans_restarts: int = 10
+    top_percent: float = 3.0
+    plot_neurons: int = 4
+    mapping_pairs: int = 32768
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def prune_spec(self) -> PruneSpec:
+        """The :class:`PruneSpec` of every sparse copy (validates the sparsity settings)."""
+        if self.prunen or self.prunem:
+            return PruneSpec(sparsity=0.0, prunen=self.prunen, prunem=self.prunem)
+        return PruneSpec(sparsity=self.sparsity)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work (before any model is loaded)."""
+        self.prune_spec()
+        _resolve_experts(self.experts)
+        check_percent(self.top_percent)
+        if self.eval_tokens < self.seqlen:
+            raise ValueError(
+                f"eval_tokens ({self.eval_tokens}) must be at least one window of "
+                f"seqlen ({self.seqlen})"
+            )
+        for name in ("nsamples", "kmeans_restarts", "mapping_pairs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.plot_neurons < 1:
+            raise ValueError(f"plot_neurons must be at least 1, got {self.plot_neurons}")
+
+
+def _expansion_ks(ks: Sequence[int]) -> list[int]:
+    """Up to three numbers of experts for the panel figure: smallest, middle, largest."""
+    ks = list(ks)
+    return ks if len(ks) <= 3 else [ks[0], ks[len(ks) // 2], ks[-1]]
+
+
+def save_disentangle_plots(result: DisentangleResult, out: str | Path) -> list[Path]:
+    """Write the figures of a disentanglement result to ``out``; returns their paths.
+
+    * ``neuron_{j}_sparse_vs_dense.png`` — the top-WD neuron: dense vs SparseGPT vs SE (largest
+      ``K``) output histograms, W1 to dense in the legend;
+    * ``neuron_{j}_by_expert.png`` — its dense outputs split by expert (largest ``K``);
+    * ``ri_vs_wd.png`` — RI vs WD for every ``K > 1``, Spearman ρ in the titles;
+    * ``neuron_{j}_expansion.png`` — dense / sparse / per-expert distributions for a few ``K``
+      with W1(sparse, dense) in the panel titles;
+    * ``w1_vs_k.png`` — W1(sparse, dense) vs ``K`` for the top-WD neurons and all neurons.
+    """
+    from . import plotting
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    o = result.outputs
+    ks = sorted(o.se)
+    paths: list[Path] = []
+    if len(o.neurons):
+        j, col = int(o.neurons[0]), 0
+        k_max = ks[-1]
+        sparse = {"SparseGPT": o.sparsegpt[:, col]}
+        if k_max > 1:
+            sparse[f"SE k={k_max}"] = o.se[k_max][:, col]
+        fig = plotting.plot_sparse_vs_dense(
+            o.dense[:, col], sparse, title=f"neuron {j} (WD={o.wd[col]:.3f})"
+        )
+        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_sparse_vs_dense.png"))
+        fig = plotting.plot_outputs_by_expert(
+            o.dense[:, col], o.labels[k_max], title=f"neuron {j}: dense outputs, {k_max} experts"
+        )
+        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_by_expert.png"))
+        sel = _expansion_ks(ks)
+        fig = plotting.plot_expansion_panels(
+            o.dense[:, col],
+            {k: o.se[k][:, col] for k in sel},
+            {k: o.labels[k] for k in sel},
+            title=f"neuron {j} (WD={o.wd[col]:.3f})",
+        )
+        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_expansion.png"))
+    multi = [k for k in ks if k > 1]
+    if multi:
+        fig = plotting.plot_ri_vs_wd(result.table, multi)
+        paths.append(plotting.save_figure(fig, out / "ri_vs_wd.png"))
+    fig = plotting.plot_w1_vs_k(result.table, ks)
+    paths.append(plotting.save_figure(fig, out / "w1_vs_k.png"))
+    return paths
+
+
+def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -> DisentangleResult:
+    """Run the disentanglement analysis of one layer end to end and write its run folder.
+
+    1. load the model (unless ``model``, a ``LoadedModel``, is given);
+    2. draw ``nsamples`` calibration windows (seeded) and ``eval_tokens`` held-out tokens
+       (consecutive windows of the evaluation split) and collect the studied linear's inputs
+       from the **dense** model (:func:`collect_linear_inputs`);
+    3. :func:`disentangle_linear`;
+    4. write ``neurons.csv``, ``per_k.csv``, ``summary.json``, ``top_neuron_outputs.npz``, the
+       figures (:func:`save_disentangle_plots`) and ``config.json`` (last).
+
+    Parameters
+    ----------
+    cfg : DisentangleConfig
+    model : LoadedModel, optional
+    progress : bool
+        tqdm bars.
+
+    Returns
+    -------
+    DisentangleResult
+        With ``out`` set and ``layer``/``hook`` columns in ``table``.
+
+    Raises
+    ------
+    ValueError
+        Bad settings, a layer outside ``0..n_layers-1`` or an unknown role (before anything is
+        written).
+    RunExistsError
+        ``cfg.out`` holds a finished run and ``cfg.overwrite`` is False.
+    """
+    cfg.validate()
+    spec = cfg.prune_spec()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    seconds["load"] = time.perf_counter() - t0
+    adapter = model.adapter
+    layer = check_layer(adapter, cfg.layer)
+    role = _resolve_role(adapter, cfg.role)
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+
+    t0 = time.perf_counter()
+    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
+    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
+    eval_windows = evaluation_windows(eval_tokens, cfg.seqlen, max_tokens=cfg.eval_tokens)
+    kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
+    x_cal = collect_linear_inputs(model, cal_windows, **kw)
+    x_eval = collect_linear_inputs(model, eval_windows, **kw)
+    seconds["collect"] = time.perf_counter() - t0
+
+    linear = adapter.linear(model.hf_model, layer, role)
+    weight = adapter.weight(model.hf_model, layer, role).detach()
+    bias = getattr(linear, "bias", None)
+    result = disentangle_linear(
+        x_cal,
+        x_eval,
+        weight,
+        None if bias is None else bias.detach(),
+        experts=cfg.experts,
+        spec=spec,
+        pca_factor=cfg.pca_factor,
+        kmeans_restarts=cfg.kmeans_restarts,
+        seed=cfg.seed,
+        top_percent=cfg.top_percent,
+        plot_neurons=cfg.plot_neurons,
+        mapping_pairs=cfg.mapping_pairs,
+        device=model.device,
+        progress=progress,
+    )
+    del x_cal, x_eval
+    if role in adapter.neuron_roles:
+        hook = adapter.hook_name(layer, role)
+    else:  # the down projection's outputs have no MLP alias; name the linear's own hook
+        hook = f"blocks.{layer}.mlp.{adapter.spec(role).bridge_attr}.hook_out"
+    result.table.insert(0, "hook", hook)
+    result.table.insert(0, "layer", layer)
+    result.summary.update({"layer": layer, "role": role, "hook": hook})
+    seconds.update(result.summary["seconds"])
+    result.summary["seconds"] = seconds
+
+    t0 = time.perf_counter()
+    save_table(result.table, out, "neurons")
+    result.per_k.to_csv(out / "per_k.csv", index=False)
+    result.outputs.save(out / "top_neuron_outputs.npz")
+    save_disentangle_plots(result, out)
+    seconds["report"] = time.perf_counter() - t0
+    summary = _jsonable(result.summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    config = asdict(cfg)
+    config["experts"] = _resolve_experts(cfg.experts)
+    write_run_config(
+        out,
+        {
+            "command": "disentangle",
+            "config": config,
+            "model": {
+                "name": model.name,
+                "family": adapter.family,
+                "n_layers": adapter.n_layers,
+                "d_model": adapter.d_model,
+                "d_mlp": adapter.d_mlp,
+            },
+            "corpus": {
+                "name": cfg.dataset,
+                "calibration_split_tokens": len(cal_tokens),
+                "evaluation_split_tokens": len(eval_tokens),
+            },
+            "summary": summary,
+        },
+    )
+    result.out = out
+    return result
+
+
+def _jsonable(obj):
+    """Plain JSON types, with NaN / inf written as ``null`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
