@@ -261,3 +261,46 @@ def test_ablate_bad_input(tiny_dir, corpus, tmp_path, capsys, extra, message):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_disentangle_cli(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "dis"
+    assert (
+        main(
+            [
+                "disentangle",
+                *_tiny_args(tiny_dir, corpus),
+                "--layer",
+                "1",
+                "--experts",
+                "1,2",
+                "--sparsity",
+                "0.5",
+                "--nsamples",
+                "8",
+                "--eval-tokens",
+                "128",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    df = pd.read_csv(out / "neurons.csv")
+    assert {"neuron", "wd", "err_sparsegpt", "ri_k2", "mapping_difficulty"} <= set(df.columns)
+    assert "spearman_ri_wd" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "disentangle",
+                *_tiny_args(tiny_dir, corpus),
+                "--layer",
+                "9",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of range" in err[0]

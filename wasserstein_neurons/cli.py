@@ -189,6 +189,49 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _disentangle(args: argparse.Namespace) -> int:
+    from .disentangle import DisentangleConfig, run_disentangle
+
+    cfg = DisentangleConfig(
+        out=args.out,
+        model=args.model,
+        dataset=args.dataset,
+        layer=args.layer,
+        role=args.role,
+        sparsity=args.sparsity,
+        prunen=args.prunen,
+        prunem=args.prunem,
+        experts=args.experts,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        eval_tokens=args.eval_tokens,
+        pca_factor=args.pca_factor,
+        kmeans_restarts=args.kmeans_restarts,
+        top_percent=args.top_percent,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    result = run_disentangle(cfg, progress=not args.no_progress)
+    cols = [
+        "experts",
+        "layer_err",
+        "spearman_ri_wd",
+        "spearman_ri_mean",
+        "spearman_ri_variance",
+        "median_ri",
+        "median_ri_top",
+        "median_w1_top",
+        "median_w1_all",
+    ]
+    with pd.option_context("display.width", 140):
+        print(result.per_k[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"results in {cfg.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wasserstein-neurons",
@@ -268,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     p.set_defaults(func=_ablate)
+
+    p = sub.add_parser("disentangle", help="why Sparse Expansion helps: one layer's neurons")
+    _add_common(p, seqlen=512, default_out="runs/disentangle")
+    _add_eval(p)
+    p.add_argument("--layer", type=int, default=5, help="decoder layer to study")
+    p.add_argument("--role", default=None, help="gate | up | down (default: first projection)")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--prunen", type=int, default=0)
+    p.add_argument("--prunem", type=int, default=0)
+    p.add_argument("--experts", default="1,2,4,8,16", help="numbers of experts, comma-separated")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--pca-factor", type=int, default=32, help="PCA to d_in / factor dims")
+    p.add_argument("--kmeans-restarts", type=int, default=10)
+    p.add_argument("--top-percent", type=float, default=3.0)
+    p.set_defaults(func=_disentangle)
     return parser
 
 
