@@ -304,3 +304,47 @@ def test_disentangle_cli(tiny_dir, corpus, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of range" in err[0]
+
+
+def test_expand_cli(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "expand"
+    assert (
+        main(
+            [
+                "expand",
+                *_tiny_args(tiny_dir, corpus),
+                "--experts",
+                "2",
+                "--sparsity",
+                "0.5",
+                "--nsamples",
+                "8",
+                "--eval-tokens",
+                "128",
+                "--kmeans-restarts",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    df = pd.read_csv(out / "results.csv")
+    assert {"method", "experts", "sparsity", "perplexity", "flops_per_token", "params"} <= set(
+        df.columns
+    )
+    assert set(df["experts"]) >= {1, 2}
+    assert (
+        main(
+            [
+                "expand",
+                *_tiny_args(tiny_dir, corpus),
+                "--prunen",
+                "3",
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
+    assert "malformed n:m" in capsys.readouterr().err

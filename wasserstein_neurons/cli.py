@@ -189,6 +189,44 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand(args: argparse.Namespace) -> int:
+    from .expansion.grid import ExpandRunConfig, run_expand, run_grid
+
+    extra = {}
+    if args.grid_sparsities:
+        extra["grid_sparsities"] = tuple(s.strip() for s in args.grid_sparsities.split(","))
+    if args.grid_experts:
+        extra["grid_experts"] = tuple(int(k) for k in args.grid_experts.split(","))
+    cfg = ExpandRunConfig(
+        **_eval_settings(args),
+        out=args.out,
+        experts=args.experts,
+        sparsity=args.sparsity,
+        prunen=args.prunen,
+        prunem=args.prunem,
+        wbits=args.wbits,
+        pca_factor=args.pca_factor,
+        kmeans_restarts=args.kmeans_restarts,
+        nsamples=args.nsamples,
+        seed=args.seed,
+        save=args.save,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        **extra,
+    )
+    run = run_grid if args.grid else run_expand
+    results = run(cfg, progress=not args.no_progress)
+    cols = [
+        c
+        for c in ("method", "experts", "sparsity", "perplexity", "flops_per_token", "params")
+        if c in results.columns
+    ]
+    with pd.option_context("display.width", 140, "display.max_rows", 200):
+        print(results[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"results in {cfg.out}")
+    return 0
+
+
 def _disentangle(args: argparse.Namespace) -> int:
     from .disentangle import DisentangleConfig, run_disentangle
 
@@ -311,6 +349,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
     p.set_defaults(func=_ablate)
+
+    p = sub.add_parser("expand", help="Sparse Expansion: mixture of sparse experts per linear")
+    _add_common(p, seqlen=512, default_out="runs/expand")
+    _add_eval(p)
+    p.add_argument("--experts", type=int, default=16, help="experts per MLP linear")
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsity of every expert")
+    p.add_argument("--prunen", type=int, default=0)
+    p.add_argument("--prunem", type=int, default=0)
+    p.add_argument("--wbits", type=int, default=16, help="quantize kept weights")
+    p.add_argument("--pca-factor", type=int, default=32, help="route in d_in / factor dims")
+    p.add_argument("--kmeans-restarts", type=int, default=10)
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--save", default=None, help="write the expanded model to this folder")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="run the grid: sparsities x experts next to magnitude and Wanda",
+    )
+    p.add_argument("--grid-sparsities", default=None, help="e.g. 0.5,0.7,0.9,2:4")
+    p.add_argument("--grid-experts", default=None, help="e.g. 1,2,4,8,16")
+    p.add_argument("--resume", action="store_true", help="--grid: keep finished cells")
+    p.set_defaults(func=_expand)
 
     p = sub.add_parser("disentangle", help="why Sparse Expansion helps: one layer's neurons")
     _add_common(p, seqlen=512, default_out="runs/disentangle")

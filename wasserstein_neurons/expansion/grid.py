@@ -1,0 +1,492 @@
+r"""Evaluate Sparse Expansion against one-shot pruning: one setting (``expand``) or a grid.
+
+Every row of a results table is one model: the dense reference, a baseline (magnitude, Wanda)
+or SparseGPT / Sparse Expansion (SE) with :math:`k` experts, pruned to a target sparsity
+(unstructured or n:m) in all MLP linears, with
+
+* ``perplexity`` — :math:`\exp(\text{mean NLL})` on the evaluation windows
+  (:func:`~wasserstein_neurons.evaluate.perplexity`);
+* ``flops_per_token`` — multiply-adds :math:`\times 2` of the MLP linears per token with ideal
+  sparse kernels: :math:`2\,\mathrm{nnz}(W)` for a pruned linear; for SE the expected
+  :math:`\sum_e f_e\, 2\,\mathrm{nnz}(W_e)` over the calibration routing frequencies
+  :math:`f_e` plus the router (PCA projection and centroid distances), a router shared by
+  Llama's gate and up counted once (:func:`~wasserstein_neurons.expansion.builder.mlp_cost`);
+* ``params`` — stored MLP parameters: nonzero weights of every expert, biases and routers.
+  SE keeps the per-token FLOPs of one sparse layer while its parameters grow about
+  :math:`k\times`.
+
+SparseGPT is the builder with one expert (:func:`build_sparse_expansion` with ``n_experts=1``,
+bit-identical to ``sequential_prune(..., "sparsegpt")``), so SE and SparseGPT differ only in
+:math:`k`.  Wanda runs through :func:`~wasserstein_neurons.pruning.sequential_prune` with the
+same calibration windows and within-layer order; magnitude pruning needs no calibration and is
+applied directly to every MLP weight (the same result as ``sequential_prune(...,
+"magnitude")`` without its forward passes).  All calibration passes use the native HF modules
+with sdpa attention (see :mod:`~wasserstein_neurons.expansion.builder`).
+
+Every cell starts from a freshly loaded dense model (``load_model(name)``, ~3 s for the cached
+embedded model); the calibration and evaluation windows are drawn once and shared by all cells.
+The grid writes ``results.csv`` after every cell, so ``resume=True`` continues an interrupted
+grid in the same folder.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..data import calibration_windows, load_tokens
+from ..evaluate import perplexity
+from ..models import load_model
+from ..prune_run import EvalSettings, eval_windows_for
+from ..pruning import PruneSpec, make_pruner, sequential_prune
+from ..runs import prepare_run_dir, save_table, write_run_config
+from .builder import (
+    DEFAULT_KMEANS_RESTARTS,
+    ExpansionConfig,
+    _sdpa_forward,
+    build_sparse_expansion,
+    mlp_cost,
+    save_expanded,
+)
+
+__all__ = [
+    "BASELINES",
+    "EXPERT_GRID",
+    "RESULT_COLUMNS",
+    "SPARSITY_GRID",
+    "ExpandRunConfig",
+    "parse_sparsity",
+    "run_expand",
+    "run_grid",
+    "sparsity_label",
+]
+
+#: Default grid: unstructured sparsities and n:m patterns (as strings, ``"2:4"``).
+SPARSITY_GRID = ("0.5", "0.7", "0.9", "2:4")
+#: Default numbers of experts (1 = SparseGPT).
+EXPERT_GRID = (1, 2, 4, 8, 16)
+#: One-shot baselines run next to SparseGPT / SE.
+BASELINES = ("magnitude", "wanda")
+_BASELINE_METHODS = ("magnitude", "wanda")
+
+#: Columns of ``results.csv``.
+RESULT_COLUMNS = (
+    "method",
+    "experts",
+    "sparsity",
+    "prunen",
+    "prunem",
+    "pattern",
+    "perplexity",
+    "flops_per_token",
+    "params",
+    "nbytes",
+    "relative_flops",
+    "relative_params",
+    "build_seconds",
+    "eval_seconds",
+    "eval_tokens",
+    "nsamples",
+    "seqlen",
+)
+
+
+def parse_sparsity(value: str | float) -> tuple[float, int, int]:
+    """``"0.7"`` -> ``(0.7, 0, 0)``; ``"2:4"`` -> ``(0.5, 2, 4)``.
+
+    Raises
+    ------
+    ValueError
+        For a malformed value, a sparsity outside ``[0, 1)`` or a bad n:m pattern.
+    """
+    text = str(value).strip()
+    if ":" in text:
+        try:
+            n, m = (int(p) for p in text.split(":"))
+        except ValueError:
+            raise ValueError(f"malformed n:m sparsity {text!r}; expected e.g. '2:4'") from None
+        PruneSpec(prunen=n, prunem=m)  # validates 0 < n < m
+        return n / m, n, m
+    try:
+        s = float(text)
+    except ValueError:
+        raise ValueError(f"malformed sparsity {text!r}; expected e.g. 0.5 or 2:4") from None
+    PruneSpec(sparsity=s)
+    return s, 0, 0
+
+
+def sparsity_label(sparsity: float, prunen: int = 0, prunem: int = 0) -> str:
+    """``"2:4"`` for n:m, else the sparsity (``"0.5"``)."""
+    return f"{prunen}:{prunem}" if prunem else f"{sparsity:g}"
+
+
+@dataclass
+class ExpandRunConfig(EvalSettings):
+    """Settings of :func:`run_expand` (one setting) and :func:`run_grid`.
+
+    Attributes
+    ----------
+    out : str
+        Run folder (``results.csv``, ``layers.csv``, ``config.json``).
+    experts : int
+        Experts of the SE model of :func:`run_expand`.
+    sparsity, prunen, prunem, wbits :
+        Target of :func:`run_expand` (n:m, when set, overrides ``sparsity``).
+    pca_factor, kmeans_restarts, min_cluster_tokens, within_layer_sequential :
+        Passed to :class:`~wasserstein_neurons.expansion.builder.ExpansionConfig`.
+    nsamples, seed :
+        Calibration windows (``nsamples`` x ``seqlen``, seeded; the same seed seeds k-means).
+    grid_sparsities, grid_experts, baselines :
+        The grid of :func:`run_grid` (sparsities as strings such as ``"0.5"`` or ``"2:4"``).
+    save : str or None
+        :func:`run_expand`: also write the SE model with
+        :func:`~wasserstein_neurons.expansion.builder.save_expanded` to this folder.
+    overwrite : bool
+        Replace a finished run in ``out``.
+    resume : bool
+        :func:`run_grid`: keep the rows already in ``out/results.csv`` and run only the
+        missing cells.
+    """
+
+    out: str = "runs/expand"
+    experts: int = 16
+    sparsity: float = 0.5
+    prunen: int = 0
+    prunem: int = 0
+    wbits: int = 16
+    pca_factor: int = 32
+    kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS
+    min_cluster_tokens: int | None = None
+    within_layer_sequential: bool = False
+    nsamples: int = 128
+    seed: int = 0
+    grid_sparsities: tuple[str, ...] = SPARSITY_GRID
+    grid_experts: tuple[int, ...] = EXPERT_GRID
+    baselines: tuple[str, ...] = BASELINES
+    save: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.prunen / self.prunem if self.prunem else self.sparsity
+
+    def expansion_config(
+        self, experts: int, sparsity: float, prunen: int = 0, prunem: int = 0
+    ) -> ExpansionConfig:
+        """The builder config of one cell."""
+        return ExpansionConfig(
+            n_experts=experts,
+            sparsity=sparsity,
+            prunen=prunen,
+            prunem=prunem,
+            wbits=self.wbits,
+            pca_factor=self.pca_factor,
+            kmeans_restarts=self.kmeans_restarts,
+            seed=self.seed,
+            min_cluster_tokens=self.min_cluster_tokens,
+            within_layer_sequential=self.within_layer_sequential,
+            batch_size=self.batch_size,
+        )
+
+    def validate(self, grid: bool = False) -> None:
+        """Raise ``ValueError`` with a one-line message for any invalid setting."""
+        if (self.prunen == 0) != (self.prunem == 0):
+            raise ValueError(
+                f"malformed n:m sparsity {self.prunen}:{self.prunem}: give both --prunen and "
+                "--prunem"
+            )
+        if isinstance(self.experts, bool) or self.experts < 1:
+            raise ValueError(f"--experts must be a positive integer, got {self.experts}")
+        self.expansion_config(self.experts, self.sparsity, self.prunen, self.prunem)
+        if self.nsamples < 1:
+            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if grid:
+            if not self.grid_sparsities or not self.grid_experts:
+                raise ValueError("the grid needs at least one sparsity and one expert count")
+            for s in self.grid_sparsities:
+                parse_sparsity(s)
+            bad = [k for k in self.grid_experts if isinstance(k, bool) or int(k) < 1]
+            if bad:
+                raise ValueError(f"expert counts must be positive integers, got {bad}")
+            unknown = [b for b in self.baselines if b not in _BASELINE_METHODS]
+            if unknown:
+                raise ValueError(
+                    f"unknown baseline(s) {unknown}; valid: {', '.join(_BASELINE_METHODS)}"
+                )
+        self.validate_eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------------------------
+
+
+class _Models:
+    """Hands out dense models: the current one while unmodified, else a fresh load."""
+
+    def __init__(self, cfg: ExpandRunConfig) -> None:
+        self.cfg = cfg
+        self.model = None
+        self.dirty = False
+
+    def fresh(self):
+        if self.model is None or self.dirty:
+            self.model = None
+            gc.collect()
+            self.model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+        self.dirty = True
+        return self.model
+
+    def peek(self):
+        """The current model without marking it modified (loads one if needed)."""
+        if self.model is None:
+            self.fresh()
+            self.dirty = False
+        return self.model
+
+
+def _row(
+    model, method: str, experts: int, sparsity: float, prunen: int, prunem: int, **extra
+) -> dict[str, Any]:
+    cost = mlp_cost(model)
+    return {
+        "method": method,
+        "experts": experts,
+        "sparsity": sparsity,
+        "prunen": prunen,
+        "prunem": prunem,
+        "pattern": sparsity_label(sparsity, prunen, prunem) if method != "dense" else "dense",
+        "flops_per_token": cost["flops_per_token"],
+        "params": cost["params"],
+        "nbytes": cost["nbytes"],
+        **extra,
+    }
+
+
+def _evaluate(model, eval_windows, cfg: ExpandRunConfig, progress: bool) -> dict[str, Any]:
+    res = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
+    return {
+        "perplexity": res.perplexity,
+        "eval_seconds": res.seconds,
+        "eval_tokens": res.n_tokens,
+    }
+
+
+def _magnitude_prune(model, spec: PruneSpec) -> pd.DataFrame:
+    """Magnitude-prune every MLP weight in place (no calibration, no forward pass)."""
+    adapter, hf = model.adapter, model.hf_model
+    records = []
+    for layer in range(adapter.n_layers):
+        for role in adapter.roles:
+            w = adapter.weight(hf, layer, role)
+            res = make_pruner("magnitude", w.shape[1], device=w.device).prune(w, spec)
+            w.copy_(res.weight)
+            records.append(
+                {"layer": layer, "role": role, "sparsity": res.sparsity, "seconds": res.time_s}
+            )
+    return pd.DataFrame(records)
+
+
+def _cell(
+    models: _Models,
+    method: str,
+    experts: int,
+    pattern: str,
+    cal_windows,
+    eval_windows,
+    cfg: ExpandRunConfig,
+    progress: bool,
+    keep: bool = False,
+) -> tuple[dict[str, Any], pd.DataFrame, ExpansionConfig | None]:
+    """Build one model from a fresh dense one, evaluate it; returns row, layer table, config."""
+    sparsity, n, m = parse_sparsity(pattern)
+    model = models.fresh()
+    exp_cfg = None
+    t0 = time.perf_counter()
+    if method in ("sparsegpt", "sparse_expansion"):
+        exp_cfg = cfg.expansion_config(experts, sparsity, n, m)
+        layers = build_sparse_expansion(model, cal_windows, exp_cfg, progress=progress)
+    else:
+        spec = PruneSpec(sparsity=0.0 if m else sparsity, prunen=n, prunem=m)
+        if method == "magnitude":
+            layers = _magnitude_prune(model, spec)
+        else:
+            with _sdpa_forward(model):
+                layers = sequential_prune(
+                    model,
+                    cal_windows,
+                    method,
+                    spec,
+                    within_layer_sequential=cfg.within_layer_sequential,
+                    batch_size=cfg.batch_size,
+                    progress=progress,
+                )
+    build_s = time.perf_counter() - t0
+    row = _row(model, method, experts, sparsity, n, m, build_seconds=build_s)
+    row.update(_evaluate(model, eval_windows, cfg, progress))
+    layers = layers.assign(method=method, experts=experts, pattern=row["pattern"])
+    if not keep:
+        models.model = None  # free the expanded model before the next load
+    return row, layers, exp_cfg
+
+
+def _windows(model, cfg: ExpandRunConfig):
+    eval_w = eval_windows_for(model, cfg)
+    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
+    cal_w = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+    return cal_w, eval_w
+
+
+def _finish_table(rows: list[dict[str, Any]], cfg: ExpandRunConfig) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    dense = df[df["method"] == "dense"]
+    if len(dense):
+        ref = dense.iloc[0]
+        df["relative_flops"] = df["flops_per_token"] / ref["flops_per_token"]
+        df["relative_params"] = df["params"] / ref["params"]
+    else:
+        df["relative_flops"] = math.nan
+        df["relative_params"] = math.nan
+    df["nsamples"] = cfg.nsamples
+    df["seqlen"] = cfg.seqlen
+    for col in RESULT_COLUMNS:
+        if col not in df:
+            df[col] = math.nan
+    return df[list(RESULT_COLUMNS)]
+
+
+# --------------------------------------------------------------------------------------------
+# Workflows
+# --------------------------------------------------------------------------------------------
+
+
+def run_expand(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
+    """One setting: the dense model, SparseGPT (k = 1) and SE with ``cfg.experts`` experts.
+
+    Writes ``results.csv`` (columns :data:`RESULT_COLUMNS`, one row per model: ``dense``,
+    ``sparsegpt``, ``sparse_expansion``), ``layers.csv`` (the builders' per-linear summaries)
+    and ``config.json`` to ``cfg.out``; with ``cfg.save``, also the SE model
+    (:func:`~wasserstein_neurons.expansion.builder.save_expanded`).  With ``experts == 1``
+    only the SparseGPT row is built.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The results table.
+    """
+    cfg.validate()
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    if cfg.save and Path(cfg.save).exists() and any(Path(cfg.save).iterdir()):
+        raise FileExistsError(f"--save folder {cfg.save} is not empty")
+    models = _Models(cfg)
+    model = models.peek()
+    name = model.name
+    cal_w, eval_w = _windows(model, cfg)
+    rows = [_row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)]
+    rows[0].update(_evaluate(model, eval_w, cfg, progress))
+    del model  # the cells reuse / free it through `models`
+    pattern = sparsity_label(cfg.target_sparsity, cfg.prunen, cfg.prunem)
+    tables = []
+    cells = [("sparse_expansion", cfg.experts)] if cfg.experts > 1 else []
+    cells.append(("sparsegpt", 1))
+    for method, k in cells:
+        keep = bool(cfg.save) and (k == cfg.experts)
+        row, layers, exp_cfg = _cell(
+            models, method, k, pattern, cal_w, eval_w, cfg, progress, keep=keep
+        )
+        rows.append(row)
+        tables.append(layers)
+        if keep:
+            save_expanded(
+                models.model,
+                cfg.save,
+                exp_cfg,
+                extra={"perplexity": row["perplexity"], "run": str(out)},
+            )
+            models.model = None
+    table = _finish_table(rows, cfg)
+    save_table(table, out, "results")
+    pd.concat(tables, ignore_index=True).to_csv(out / "layers.csv", index=False)
+    write_run_config(
+        out,
+        {
+            "command": "expand",
+            "config": asdict(cfg),
+            "model": name,
+            "results": table.to_dict(orient="records"),
+        },
+    )
+    return table
+
+
+def run_grid(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
+    """The evaluation grid: sparsities x (baselines, SparseGPT and SE with each k).
+
+    One row per (method, experts, sparsity pattern) plus the dense reference: ``magnitude``
+    and ``wanda`` (``experts = 1``), ``sparsegpt`` (k = 1) and ``sparse_expansion`` (k > 1)
+    for every entry of ``cfg.grid_sparsities`` and ``cfg.grid_experts``.  ``results.csv``
+    (columns :data:`RESULT_COLUMNS`) is rewritten after every cell and ``config.json`` is
+    marked finished at the end; ``layers.csv`` holds the per-linear summaries.  With
+    ``cfg.resume`` the cells already in ``results.csv`` are skipped.
+
+    Cost on the embedded model (CPU): one SE build is 15-35 min and one evaluation a few
+    minutes, so the default grid (4 sparsities x 7 models) takes many hours; use
+    ``grid_sparsities`` / ``grid_experts`` / ``nsamples`` to shrink it.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    cfg.validate(grid=True)
+    results_path = Path(cfg.out) / "results.csv"
+    previous = (
+        pd.read_csv(results_path, dtype={"pattern": str})
+        if cfg.resume and results_path.is_file()
+        else pd.DataFrame()
+    )
+    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite or cfg.resume)
+    meta = {"command": "expand --grid", "config": asdict(cfg), "model": cfg.model}
+    write_run_config(out, meta, finished=False)
+    done = set()
+    rows: list[dict[str, Any]] = []
+    if len(previous):
+        rows = previous.to_dict(orient="records")
+        done = {(r["method"], int(r["experts"]), str(r["pattern"])) for r in rows}
+    models = _Models(cfg)
+    model = models.peek()
+    cal_w, eval_w = _windows(model, cfg)
+    if ("dense", 1, "dense") not in done:
+        row = _row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)
+        row.update(_evaluate(model, eval_w, cfg, progress))
+        rows.insert(0, row)
+    del model  # the cells reuse / free it through `models`
+    tables = []
+    layers_path = out / "layers.csv"
+    if cfg.resume and layers_path.is_file():
+        tables.append(pd.read_csv(layers_path))
+    cells = []
+    for pattern in cfg.grid_sparsities:
+        label = sparsity_label(*parse_sparsity(pattern))
+        cells += [(b, 1, label) for b in cfg.baselines]
+        for k in cfg.grid_experts:
+            cells.append(("sparsegpt" if int(k) == 1 else "sparse_expansion", int(k), label))
+    for method, k, label in cells:
+        if (method, k, label) in done:
+            continue
+        row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
+        rows.append(row)
+        tables.append(layers)
+        save_table(_finish_table(rows, cfg), out, "results")
+        pd.concat(tables, ignore_index=True).to_csv(layers_path, index=False)
+    table = _finish_table(rows, cfg)
+    save_table(table, out, "results")
+    meta["results"] = table.to_dict(orient="records")
+    write_run_config(out, meta, finished=True)
+    return table
