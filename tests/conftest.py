@@ -112,3 +112,26 @@ def tiny_llama():
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as a local Hugging Face folder (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(make_config("llama", len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text-file corpus of blank-line separated documents."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    sentences = TINY_TEXT.split(". ")
+    docs = [". ".join(sentences[i : i + 6]) + f" document {i}." for i in range(len(sentences))]
+    path.write_text("\n\n".join(docs * 4))
+    return path

@@ -6,31 +6,8 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import TINY_TEXT, make_config, make_tokenizer
 
 from wasserstein_neurons.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(make_config("llama", len(tok))).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    sentences = TINY_TEXT.split(". ")
-    docs = [". ".join(sentences[i : i + 6]) + f" document {i}." for i in range(len(sentences))]
-    path.write_text("\n\n".join(docs * 4))
-    return path
 
 
 def _rank(tiny_dir, corpus, out, *extra):

@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TEXT, make_config, make_tiny_model, make_tokenizer
+from conftest import make_config, make_tiny_model, make_tokenizer
 
 from wasserstein_neurons.evaluate import perplexity
 from wasserstein_neurons.expansion import ExpertRoutedLinear, SmallClusterWarning
@@ -315,25 +315,6 @@ def test_load_expanded_from_a_model_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------ workflows
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(make_config("llama", len(tok))).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    sentences = TINY_TEXT.split(". ")
-    docs = [". ".join(sentences[i : i + 6]) + f" document {i}." for i in range(len(sentences))]
-    path.write_text("\n\n".join(docs * 4))
-    return path
 
 
 def run_cfg(tiny_dir, corpus, out, **kw):
