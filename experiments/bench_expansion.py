@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="se,sparsegpt", help="subset of se,sparsegpt")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--out", default="runs/bench_expansion")
+    p.add_argument("--resume", action="store_true", help="reuse finished settings in --out")
     # internal: run one setting and write its JSON
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sparsity", type=float, default=0.5, help=argparse.SUPPRESS)
@@ -75,6 +76,12 @@ def peak_rss_gb() -> float:
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS
     return kib * scale / 1e9
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (less sensitive to other jobs than wall time)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def worker(args) -> None:
@@ -111,12 +118,14 @@ def worker(args) -> None:
             n_experts=k, sparsity=args.sparsity, seed=args.seed, batch_size=args.batch_size, **kw
         )
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             summary = build_sparse_expansion(model, cal, cfg, progress=False)
         row.update(
             experts=k,
             build_s=time.perf_counter() - t0,
+            build_cpu_s=cpu_seconds() - cpu0,
             build_peak_rss_gb=peak_rss_gb(),
             kmeans_restarts=cfg.kmeans_restarts,
             calib_tokens=int(cal.numel()),
@@ -143,6 +152,8 @@ def worker(args) -> None:
 
 def run_worker(args, kind: str, sparsity: float, out: Path) -> dict:
     result = out / f"{kind}_{sparsity:g}.json"
+    if args.resume and result.is_file():
+        return json.loads(result.read_text())
     cmd = [
         sys.executable,
         __file__,
@@ -180,6 +191,7 @@ def run_worker(args, kind: str, sparsity: float, out: Path) -> dict:
         raise RuntimeError(f"worker {kind} at {sparsity} failed (exit {proc.returncode})")
     row = json.loads(result.read_text())
     row["wall_s"] = time.perf_counter() - t0
+    result.write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -192,7 +204,8 @@ def describe(row: dict) -> str:
         )
     name = "SE" if row["method"] == "se" else "SparseGPT"
     return (
-        f"  {name} k={row['experts']}: build {row['build_s'] / 60:.1f} min, peak RSS "
+        f"  {name} k={row['experts']}: build {row['build_s'] / 60:.1f} min "
+        f"({row.get('build_cpu_s', float('nan')) / 60:.1f} CPU-min), peak RSS "
         f"{row['build_peak_rss_gb']:.2f} GB (build) / {row['peak_rss_gb']:.2f} GB (with eval), "
         f"perplexity {row['perplexity']:.3f} (eval {row['eval_s']:.0f} s), "
         f"MLP FLOPs/token {row['flops_per_token'] / 1e6:.1f} M, "
