@@ -37,13 +37,25 @@ def main() -> None:
     p.add_argument("--out", default="runs/ablation_figure")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
-    study = AblationConfig(strategies=args.strategies, top_percent=args.top_percent,
-                           neuron_sparsities=[float(s) for s in args.sparsities.split(",")],
-                           method=args.method, seeds=args.seeds)
-    cfg = AblateConfig(model=args.model, dataset=args.dataset, seqlen=args.seqlen,
-                       eval_tokens=args.eval_tokens, device=args.device, out=args.out,
-                       study=study, ranking=args.ranking, nsamples=args.nsamples,
-                       overwrite=args.overwrite)
+    study = AblationConfig(
+        strategies=args.strategies,
+        top_percent=args.top_percent,
+        neuron_sparsities=[float(s) for s in args.sparsities.split(",")],
+        method=args.method,
+        seeds=args.seeds,
+    )
+    cfg = AblateConfig(
+        model=args.model,
+        dataset=args.dataset,
+        seqlen=args.seqlen,
+        eval_tokens=args.eval_tokens,
+        device=args.device,
+        out=args.out,
+        study=study,
+        ranking=args.ranking,
+        nsamples=args.nsamples,
+        overwrite=args.overwrite,
+    )
     results = run_ablate(cfg)
     print(summarize(results).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"figure: {args.out}/ablation.png")

@@ -40,20 +40,34 @@ def child(mode: str, n_tokens: int, seqlen: int, batch_size: int) -> dict:
                 capture_activations(model, windows, tmp, batch_size=batch_size, progress=False)
         else:
             for i in range(0, len(windows), batch_size):
-                batch = windows[i:i + batch_size]
+                batch = windows[i : i + batch_size]
                 if mode == "forward-hf":
                     model.hf_model(batch, use_cache=False)
                 else:
                     model.bridge(batch, return_type=None)
     seconds = time.perf_counter() - start
-    return {"mode": mode, "tokens": int(windows.numel()), "seconds": seconds,
-            "rss_before_gb": rss_before,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "mode": mode,
+        "tokens": int(windows.numel()),
+        "seconds": seconds,
+        "rss_before_gb": rss_before,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def run(mode: str, n_tokens: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--small", str(n_tokens),
-           "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--small",
+        str(n_tokens),
+        "--seqlen",
+        str(args.seqlen),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -73,21 +87,30 @@ def main() -> None:
     hf = run("forward-hf", args.small, args)
     br = run("forward-bridge", args.small, args)
     small = run("capture", args.small, args)
-    print(f"tokens: {args.small} (seqlen {args.seqlen}, batch {args.batch_size}), "
-          "hooks: blocks.*.mlp.hook_pre (30 layers, float16 store)")
+    print(
+        f"tokens: {args.small} (seqlen {args.seqlen}, batch {args.batch_size}), "
+        "hooks: blocks.*.mlp.hook_pre (30 layers, float16 store)"
+    )
     print(f"plain forward, HF model       : {hf['seconds']:7.1f} s")
     print(f"plain forward, bridge no hooks: {br['seconds']:7.1f} s")
-    print(f"capture to disk               : {small['seconds']:7.1f} s  "
-          f"= {small['seconds'] / hf['seconds']:.2f}x HF forward, "
-          f"{small['seconds'] / br['seconds']:.2f}x bridge forward")
+    print(
+        f"capture to disk               : {small['seconds']:7.1f} s  "
+        f"= {small['seconds'] / hf['seconds']:.2f}x HF forward, "
+        f"{small['seconds'] / br['seconds']:.2f}x bridge forward"
+    )
     print(f"capture throughput            : {small['tokens'] / small['seconds']:7.0f} tokens/s")
     large = run("capture", args.large, args)
-    print(f"peak RSS capturing {small['tokens']:>6} tokens: {small['peak_rss_gb']:.2f} GB "
-          f"(after loading model+corpus: {small['rss_before_gb']:.2f} GB)")
-    print(f"peak RSS capturing {large['tokens']:>6} tokens: {large['peak_rss_gb']:.2f} GB "
-          f"(capture took {large['seconds']:.1f} s)")
-    print(f"RSS ratio large/small: {large['peak_rss_gb'] / small['peak_rss_gb']:.3f} "
-          "(target <= 1.3)")
+    print(
+        f"peak RSS capturing {small['tokens']:>6} tokens: {small['peak_rss_gb']:.2f} GB "
+        f"(after loading model+corpus: {small['rss_before_gb']:.2f} GB)"
+    )
+    print(
+        f"peak RSS capturing {large['tokens']:>6} tokens: {large['peak_rss_gb']:.2f} GB "
+        f"(capture took {large['seconds']:.1f} s)"
+    )
+    print(
+        f"RSS ratio large/small: {large['peak_rss_gb'] / small['peak_rss_gb']:.3f} (target <= 1.3)"
+    )
 
 
 if __name__ == "__main__":
