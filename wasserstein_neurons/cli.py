@@ -197,6 +197,8 @@ def _expand(args: argparse.Namespace) -> int:
         extra["grid_sparsities"] = tuple(s.strip() for s in args.grid_sparsities.split(","))
     if args.grid_experts:
         extra["grid_experts"] = tuple(int(k) for k in args.grid_experts.split(","))
+    if args.kmeans_restarts is not None:
+        extra["kmeans_restarts"] = args.kmeans_restarts
     cfg = ExpandRunConfig(
         **_eval_settings(args),
         out=args.out,
@@ -206,7 +208,6 @@ def _expand(args: argparse.Namespace) -> int:
         prunem=args.prunem,
         wbits=args.wbits,
         pca_factor=args.pca_factor,
-        kmeans_restarts=args.kmeans_restarts,
         nsamples=args.nsamples,
         seed=args.seed,
         save=args.save,
@@ -359,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prunem", type=int, default=0)
     p.add_argument("--wbits", type=int, default=16, help="quantize kept weights")
     p.add_argument("--pca-factor", type=int, default=32, help="route in d_in / factor dims")
-    p.add_argument("--kmeans-restarts", type=int, default=10)
+    p.add_argument(
+        "--kmeans-restarts",
+        type=int,
+        default=None,
+        help="k-means++ initialisations per router (default: the builder's, 5)",
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--save", default=None, help="write the expanded model to this folder")
     p.add_argument(
