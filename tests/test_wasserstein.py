@@ -221,6 +221,36 @@ def test_float16_memmap_in_chunks(tmp_path, method):
     np.testing.assert_allclose(stats["mean"], x16.astype(np.float64).mean(0), rtol=1e-12)
 
 
+def test_float16_radix_sort_matches_float32_path_bit_for_bit():
+    """float16 blocks are sorted as int16 keys (radix sort); results must equal the float32
+    path exactly, with NaN, +-inf, +-0, constant and extreme columns."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3000, 140)) * rng.gamma(1, 1, (3000, 140))).astype(np.float16)
+    x[3, 0] = np.float16(np.nan)
+    x[4, 1] = -np.float16(np.nan)  # sign bit set: must still sort last, as np.sort does
+    x[5, 2], x[6, 2] = np.float16(np.inf), -np.float16(np.inf)
+    x[:, 3] = np.float16(1.5)
+    x[7, 4], x[8, 4] = np.float16(-0.0), np.float16(0.0)
+    x[:, 5] = np.float16(65504)
+    x[9, 5] = np.float16(-65504)
+    x32 = x.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in METHODS:
+            got = wasserstein_to_gaussian(x, method).numpy()
+            want = wasserstein_to_gaussian(x32, method).numpy()
+            np.testing.assert_array_equal(got, want)
+        assert np.isnan(got[:4]).all() and np.isfinite(got[4:]).all()
+        s16, s32 = neuron_statistics(x), neuron_statistics(x32)
+        for key in s32:
+            np.testing.assert_array_equal(s16[key], s32[key])
+        torch_in = wasserstein_to_gaussian(torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(torch_in, wasserstein_to_gaussian(x32).numpy())
+        np.testing.assert_array_equal(
+            wasserstein_between(x, x[:700]).numpy(), wasserstein_between(x32, x32[:700]).numpy()
+        )
+
+
 def test_memmap_peak_memory_is_per_block(tmp_path):
     import tracemalloc
 

@@ -43,7 +43,10 @@ vectorised float64 pass and adds the (non-negative) exact correction only on the
 where the empirical quantile function crosses the Gaussian one. ``a_i, b_i, mu_i`` depend only
 on ``n`` and are cached (:func:`gaussian_quantile_pieces`). Because z-scoring is a positive
 affine map, the raw values are sorted (in their float32/float64 precision, which is exact) and
-standardised afterwards. The sort is the cost floor: ``O(n log n)`` per neuron.
+standardised afterwards. The sort is the cost floor: ``O(n log n)`` per neuron. float16 inputs
+(the default activation store) are sorted as int16 keys whose integer order is the float order,
+which numpy sorts with a radix sort, about 5x faster than a float sort on CPUs where numpy has
+no SIMD sort; the results are identical.
 
 **Sample estimate** (``method="sample"``, the paper's estimator): ``W1`` between the z-scored
 sample and ``n`` i.i.d. N(0, 1) draws ``g`` from ``np.random.default_rng(seed)``; the *same*
@@ -53,9 +56,10 @@ computed (vectorised). ``method="pot"`` computes the same quantity with
 ``ot.wasserstein_1d`` (Python Optimal Transport).
 
 Large inputs (``np.memmap`` on disk, float16, larger than RAM) are processed in blocks of
-neuron columns; each block is copied to a contiguous float32 (float64 for float64/integer
-inputs) array, so peak memory is about ``num_threads * tokens * neuron_chunk * 4`` bytes plus
-cache-sized temporaries, never ``tokens * neurons``.
+neuron columns; each block is copied to a contiguous float16 / float32 (float64 for
+float64/integer inputs) array, so peak memory is about
+``num_threads * tokens * neuron_chunk * 4`` bytes plus cache-sized temporaries, never
+``tokens * neurons``.
 """
 
 from __future__ import annotations
@@ -200,22 +204,61 @@ def _as_source(activations: Any, *, min_tokens: int = 2, name: str = "activation
 
 
 def _work_dtype(src: Any) -> np.dtype:
-    """float64 for float64/integer inputs (exact), else float32 (exact for float16/bfloat16)."""
+    """Dtype of the blocks that are sorted: float64 for float64/integer inputs, float16 for
+    float16 inputs (sorted through int16 keys, see :func:`_sort_columns`, then widened), else
+    float32 (exact for bfloat16)."""
     if isinstance(src, torch.Tensor):
+        if src.dtype == torch.float16:
+            return np.dtype(np.float16)
         wide = src.dtype in (torch.float64,) or not src.dtype.is_floating_point
     else:
+        if src.dtype == np.float16:
+            return np.dtype(np.float16)
         wide = src.dtype == np.float64 or np.issubdtype(src.dtype, np.integer)
         wide = wide or (np.issubdtype(src.dtype, np.floating) and src.dtype.itemsize > 8)
     return np.dtype(np.float64 if wide else np.float32)
 
 
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+}
+
+
 def _read_block(src: Any, j0: int, j1: int, dtype: np.dtype) -> np.ndarray:
     """Contiguous ``[tokens, j1 - j0]`` copy of columns ``j0:j1`` in ``dtype`` (owned, writable)."""
     if isinstance(src, torch.Tensor):
-        tdtype = torch.float64 if dtype == np.float64 else torch.float32
-        blk = src[:, j0:j1].to(device="cpu", dtype=tdtype)
+        blk = src[:, j0:j1].to(device="cpu", dtype=_TORCH_DTYPES[np.dtype(dtype)])
         return np.array(blk.numpy(), dtype=dtype, order="C", copy=True)
     return np.array(src[:, j0:j1], dtype=dtype, order="C", copy=True)
+
+
+def _flip_negative_keys(keys: np.ndarray) -> None:
+    """In place, map the int16 bit patterns of float16 values to keys whose signed-integer order
+    is the float order (flip the 15 magnitude bits of negative values); its own inverse."""
+    keys ^= (keys >> 15) & np.int16(0x7FFF)
+
+
+def _sort_columns(xs: np.ndarray) -> np.ndarray:
+    """Sort a contiguous ``[n, c]`` block along axis 0 in place; return it, float16 widened.
+
+    float16 blocks are sorted as int16 keys with numpy's stable sort, which is a radix sort
+    for 16-bit integers: measured 5x faster than quicksort of the same float16 or float32
+    block on a 2-core CPU without SIMD sorting.  NaNs are made positive first, so that they
+    sort last as with ``np.sort``.  The result is then widened to float32 (exact).
+    """
+    if xs.dtype != np.float16:
+        xs.sort(axis=0)
+        return xs
+    nan = np.isnan(xs)
+    if nan.any():
+        xs[nan] = np.float16(np.nan)
+    keys = xs.view(np.int16)
+    _flip_negative_keys(keys)
+    keys.sort(axis=0, kind="stable")
+    _flip_negative_keys(keys)
+    return xs.astype(np.float32)
 
 
 def _default_threads(num_threads: int | None) -> int:
@@ -378,13 +421,10 @@ def _sorted_groups(blk: np.ndarray) -> Iterator[np.ndarray]:
     than sorting a strided view of a wider one). ``blk`` itself is reused when narrow enough.
     """
     if blk.shape[1] <= _SORT_COLS:
-        blk.sort(axis=0)
-        yield blk
+        yield _sort_columns(blk)
         return
     for k in range(0, blk.shape[1], _SORT_COLS):
-        xs = np.array(blk[:, k : k + _SORT_COLS], order="C", copy=True)
-        xs.sort(axis=0)
-        yield xs
+        yield _sort_columns(np.array(blk[:, k : k + _SORT_COLS], order="C", copy=True))
 
 
 def _quiet() -> np.errstate:
@@ -576,7 +616,8 @@ def _exact_torch(src: Any, dev: torch.device, neuron_chunk: int | None) -> torch
                 blk = blk.to(torch.float64 if not blk.dtype.is_floating_point else torch.float32)
             blk = blk.to(dev)
         else:
-            blk = torch.from_numpy(_read_block(src, j0, j1, _work_dtype(src))).to(dev)
+            dtype = np.promote_types(_work_dtype(src), np.float32)
+            blk = torch.from_numpy(_read_block(src, j0, j1, dtype)).to(dev)
         outs.append(_exact_torch_block(blk).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, dtype=torch.float64)
 
