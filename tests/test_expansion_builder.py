@@ -367,6 +367,7 @@ def test_run_grid_and_plot(tiny_dir, corpus, tmp_path):
         ("sparse_expansion", 2, "2:4"),
     }
     assert json.loads((tmp_path / "grid" / "config.json").read_text())["finished"]
+    assert (tmp_path / "grid" / "grid.png").stat().st_size > 0
     # resume: nothing left to do, the same rows
     again = run_grid(
         run_cfg(tiny_dir, corpus, tmp_path / "grid", resume=True, **grid), progress=False

@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import plotting
 from ..data import calibration_windows, load_tokens
 from ..evaluate import perplexity
 from ..models import load_model
@@ -64,6 +65,7 @@ __all__ = [
     "parse_sparsity",
     "run_expand",
     "run_grid",
+    "save_grid_figure",
     "sparsity_label",
 ]
 
@@ -344,6 +346,20 @@ def _windows(model, cfg: ExpandRunConfig):
     return cal_w, eval_w
 
 
+def save_grid_figure(table: pd.DataFrame, out: str | Path, model: str) -> Path:
+    """Write ``grid.png``: perplexity vs sparsity, one line per method / number of experts.
+
+    The title gives the calibration and evaluation sizes recorded in ``table`` itself.
+    """
+    row = table.iloc[0]
+    title = (
+        f"{model}: MLP linears pruned, {int(row['nsamples'])} x {int(row['seqlen'])} "
+        f"calibration tokens, perplexity on {int(row['eval_tokens'])} tokens"
+    )
+    fig = plotting.plot_expansion_grid(table, title=title)
+    return plotting.save_figure(fig, Path(out) / "grid.png")
+
+
 def _finish_table(rows: list[dict[str, Any]], cfg: ExpandRunConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     dense = df[df["method"] == "dense"]
@@ -432,9 +448,10 @@ def run_grid(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
     One row per (method, experts, sparsity pattern) plus the dense reference: ``magnitude``
     and ``wanda`` (``experts = 1``), ``sparsegpt`` (k = 1) and ``sparse_expansion`` (k > 1)
     for every entry of ``cfg.grid_sparsities`` and ``cfg.grid_experts``.  ``results.csv``
-    (columns :data:`RESULT_COLUMNS`) is rewritten after every cell and ``config.json`` is
-    marked finished at the end; ``layers.csv`` holds the per-linear summaries.  With
-    ``cfg.resume`` the cells already in ``results.csv`` are skipped.
+    (columns :data:`RESULT_COLUMNS`) and the figure ``grid.png`` (perplexity vs sparsity, one
+    line per method / k, :func:`save_grid_figure`) are rewritten after every cell and
+    ``config.json`` is marked finished at the end; ``layers.csv`` holds the per-linear
+    summaries.  With ``cfg.resume`` the cells already in ``results.csv`` are skipped.
 
     Cost on the embedded model (CPU): one SE build is 15-35 min and one evaluation a few
     minutes, so the default grid (4 sparsities x 7 models) takes many hours; use
@@ -483,10 +500,13 @@ def run_grid(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
         row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
         rows.append(row)
         tables.append(layers)
-        save_table(_finish_table(rows, cfg), out, "results")
+        partial = _finish_table(rows, cfg)
+        save_table(partial, out, "results")
+        save_grid_figure(partial, out, cfg.model)
         pd.concat(tables, ignore_index=True).to_csv(layers_path, index=False)
     table = _finish_table(rows, cfg)
     save_table(table, out, "results")
+    save_grid_figure(table, out, cfg.model)
     meta["results"] = table.to_dict(orient="records")
     write_run_config(out, meta, finished=True)
     return table
