@@ -132,6 +132,7 @@ def plot_ablation(results: pd.DataFrame, title: str = ""):
     ax.set_xlabel("neuron sparsity (fraction of each selected row zeroed)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_title(title or "Sparsifying neuron sets", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -141,6 +142,15 @@ def plot_ablation(results: pd.DataFrame, title: str = ""):
 # --------------------------------------------------------------------------------------------
 # Disentanglement (Sparse Expansion) figures
 # --------------------------------------------------------------------------------------------
+
+
+def _plain_log_ticks(ax) -> None:
+    """Label a log y axis with plain numbers (``20``, not ``2 x 10^1``)."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
 
 
 def _central_range(*arrays, q: float = 0.01) -> tuple[float, float]:
