@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from wasserstein_neurons.ablation import STRATEGIES, AblationConfig, summarize
-from wasserstein_neurons.ablation_run import AblateConfig, run_ablate
+from wasserstein_neurons.workflows import AblateConfig, run_ablate
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Reproduce the paper's first central figure: perplexity vs sparsity, Sparse Expansion vs
 one-shot pruning.
 
-Runs the evaluation grid of :func:`wasserstein_neurons.expansion.grid.run_grid` (every MLP
+Runs the evaluation grid of :func:`wasserstein_neurons.workflows.run_grid` (every MLP
 linear pruned; magnitude, Wanda, SparseGPT = SE with k = 1, and SE with each ``--experts``
 value, at each ``--sparsities`` value) on the ``prune`` protocol (``--nsamples`` x ``--seqlen``
 random calibration windows, seed 0; perplexity = exp(mean NLL) on ``--eval-tokens`` held-out
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from wasserstein_neurons.expansion.grid import (
+from wasserstein_neurons.workflows.expand import (
     BASELINES,
     EXPERT_GRID,
     SPARSITY_GRID,
-    ExpandRunConfig,
+    ExpandConfig,
     run_grid,
     save_grid_figure,
 )
@@ -75,7 +75,7 @@ def main() -> None:
     args = p.parse_args()
 
     extra = {} if args.kmeans_restarts is None else {"kmeans_restarts": args.kmeans_restarts}
-    cfg = ExpandRunConfig(
+    cfg = ExpandConfig(
         model=args.model,
         dataset=args.dataset,
         seqlen=args.seqlen,

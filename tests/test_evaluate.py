@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_config, make_tiny_model, make_tokenizer
 
-from wasserstein_neurons.evaluate import (
-    has_bridge_modules,
-    native_modules,
-    perplexity,
-    window_nll,
-)
+from wasserstein_neurons.bridge import has_bridge_modules, native_modules
+from wasserstein_neurons.evaluate import perplexity, window_nll
 from wasserstein_neurons.pruning import sequential_prune
 
 
@@ -141,7 +137,7 @@ def test_bad_windows(tiny_llama):
 
 
 def test_replaced_module_used_by_native_path(tiny_model):
-    from wasserstein_neurons.pruning import sequential_layerwise
+    from wasserstein_neurons.layerwise import sequential_layerwise
 
     class Scaled(torch.nn.Module):
         def __init__(self, linear):

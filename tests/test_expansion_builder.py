@@ -25,14 +25,14 @@ from wasserstein_neurons.expansion.builder import (
     mlp_cost,
     save_expanded,
 )
-from wasserstein_neurons.expansion.grid import (
+from wasserstein_neurons.pruning import PruneSpec, n_to_prune, sequential_prune
+from wasserstein_neurons.workflows.expand import (
     RESULT_COLUMNS,
-    ExpandRunConfig,
+    ExpandConfig,
     parse_sparsity,
     run_expand,
     run_grid,
 )
-from wasserstein_neurons.pruning import PruneSpec, n_to_prune, sequential_prune
 
 N_WINDOWS, SEQLEN, BATCH = 6, 32, 4  # two calibration batches, the last one smaller
 
@@ -330,7 +330,7 @@ def run_cfg(tiny_dir, corpus, out, **kw):
         out=str(out),
     )
     base.update(kw)
-    return ExpandRunConfig(**base)
+    return ExpandConfig(**base)
 
 
 def test_run_expand_writes_results(tiny_dir, corpus, tmp_path):
@@ -376,20 +376,6 @@ def test_run_grid_and_plot(tiny_dir, corpus, tmp_path):
     fig = plot_expansion_grid(table)
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["0.5", "2:4"]
-
-
-def test_magnitude_shortcut_equals_sequential_prune():
-    from wasserstein_neurons.expansion.grid import _magnitude_prune
-
-    a, b = make_tiny_model("gpt2"), make_tiny_model("gpt2")
-    spec = PruneSpec(prunen=2, prunem=4)
-    _magnitude_prune(a, spec)
-    sequential_prune(b, windows(), "magnitude", spec, batch_size=BATCH, progress=False)
-    for layer in range(2):
-        for role in ("up", "down"):
-            assert torch.equal(
-                a.adapter.weight(a.hf_model, layer, role), b.adapter.weight(b.hf_model, layer, role)
-            )
 
 
 def test_bad_settings_are_rejected(tiny_dir, corpus, tmp_path):

@@ -8,17 +8,19 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from wasserstein_neurons.layerwise import (
+    layer_linears,
+    resolve_targets,
+    sequential_layerwise,
+    target_weight,
+)
 from wasserstein_neurons.pruning import (
     SUMMARY_COLUMNS,
     PruneSpec,
     SparseGPTPruner,
-    layer_linears,
-    resolve_targets,
     restore_weights,
-    sequential_layerwise,
     sequential_prune,
     snapshot_weights,
-    target_weight,
 )
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -428,3 +430,22 @@ def test_replace_linear_hooks_and_propagation(tiny_model):
         expected = module(cache[names[1]])
         torch.testing.assert_close(cache[names[0]], expected, rtol=0, atol=0)
         assert torch.equal(tiny_model.bridge(ids[:2]), tiny_model.hf_model(ids[:2]).logits)
+
+
+def test_magnitude_without_forward_equals_the_layer_loop():
+    """Magnitude needs no calibration: sequential_prune skips the layer loop for it; the
+    weights and summary must equal those of the loop (forced here by measure_error)."""
+    a, b = make_tiny_model("gpt2"), make_tiny_model("gpt2")
+    spec = PruneSpec(prunen=2, prunem=4)
+    fast = sequential_prune(a, windows(), "magnitude", spec, batch_size=BATCH, progress=False)
+    loop = sequential_prune(
+        b, windows(), "magnitude", spec, batch_size=BATCH, progress=False, measure_error=True
+    )
+    for layer in range(2):
+        for role in ("up", "down"):
+            assert torch.equal(
+                a.adapter.weight(a.hf_model, layer, role), b.adapter.weight(b.hf_model, layer, role)
+            )
+    cols = ["layer", "role", "method", "target_sparsity", "sparsity", "n_rows", "d_in"]
+    assert fast[cols].equals(loop[cols])
+    assert fast["rel_error"].isna().all() and loop["rel_error"].notna().all()

@@ -26,7 +26,7 @@ this keeps a whole sweep to one calibration pass plus one perplexity evaluation 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .capture import run_hooked
 from .evaluate import perplexity
-from .pruning import Pruner, PruneSpec, make_pruner
+from .pruning import PRUNERS, Pruner, PruneSpec, WeightSnapshot, check_method, make_pruner
 from .ranking import count_for_percent
 
 STRATEGIES = ("wd-top", "wd-bottom", "random", "mean", "variance", "norm")
-METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def parse_strategies(strategies: str | Sequence[str]) -> list[str]:
@@ -52,12 +52,6 @@ def parse_strategies(strategies: str | Sequence[str]) -> list[str]:
             f"unknown strategy {', '.join(bad) or '(none)'}; valid: {', '.join(STRATEGIES)}"
         )
     return list(dict.fromkeys(strategies))
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; valid: {', '.join(METHODS)}")
-    return method
 
 
 def select_neurons(
@@ -115,17 +109,10 @@ def collect_calibration(
     model, windows: torch.Tensor, method: str, batch_size: int = 8, progress: bool = True
 ) -> CalibrationCache:
     """One dense forward pass over ``windows`` feeding every neuron-role pruner's statistics."""
-    check_method(method)
+    method = check_method(method)
     adapter = model.adapter
     cache = CalibrationCache(method=method)
     roles = adapter.neuron_roles
-    if method == "magnitude":
-        for layer in range(adapter.n_layers):
-            for role in roles:
-                cache.pruners[(layer, role)] = make_pruner(
-                    method, adapter.d_model, device=model.device
-                )
-        return cache
     hooks = []
     for layer in range(adapter.n_layers):
         shared = make_pruner(method, adapter.d_model, device=model.device)
@@ -137,35 +124,17 @@ def collect_calibration(
                 lambda x, hook, p=shared: p.add_batch(x.detach()),
             )
         )
-    for start in tqdm(
-        range(0, len(windows), batch_size),
-        desc=f"calibrate ({method})",
-        unit="batch",
-        disable=not progress,
-    ):
-        batch = windows[start : start + batch_size].to(model.device)
-        model.bridge.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
-    cache.n_tokens = int(windows.numel())
+    if PRUNERS[method].needs_calibration:
+        run_hooked(
+            model,
+            windows,
+            hooks,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"calibrate ({method})",
+        )
+        cache.n_tokens = int(windows.numel())
     return cache
-
-
-@dataclass
-class NeuronSnapshot:
-    """Copies of the rows (or columns) that a sparsification will touch, for exact restore."""
-
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
-
-    def add(self, weight: torch.Tensor, index: torch.Tensor, columns: bool = False) -> None:
-        part = weight[:, index] if columns else weight[index]
-        self.saved.append((weight, index, part.clone(), columns))
-
-    def restore(self) -> None:
-        for weight, index, part, columns in self.saved:
-            if columns:
-                weight[:, index] = part
-            else:
-                weight[index] = part
-        self.saved.clear()
 
 
 @torch.no_grad()
@@ -175,24 +144,24 @@ def sparsify_neurons(
     neuron_sparsity: float,
     cache: CalibrationCache,
     include_down: bool = False,
-) -> NeuronSnapshot:
+) -> WeightSnapshot:
     """Prune the selected neurons' rows in place; returns the snapshot that undoes it.
 
     ``selection`` maps layer → neuron indices. Every other weight stays bit-identical.
     """
     adapter = model.adapter
-    snapshot = NeuronSnapshot()
+    snapshot = WeightSnapshot()
     for layer, neurons in selection.items():
         index = torch.as_tensor(neurons, dtype=torch.long)
         spec = PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)
         for role in adapter.neuron_roles:
             weight = adapter.weight(model.hf_model, layer, role)
-            snapshot.add(weight, index.to(weight.device))
+            snapshot.add(weight, index.to(weight.device), layer=layer, role=role)
             result = cache.pruners[(layer, role)].prune(weight, spec)
             weight[index] = result.weight[index]
         if include_down:
             down = adapter.weight(model.hf_model, layer, "down")  # [d_model, d_mlp]
-            snapshot.add(down, index.to(down.device), columns=True)
+            snapshot.add(down, index.to(down.device), columns=True, layer=layer, role="down")
             pruned = make_pruner("magnitude", down.shape[0]).prune(
                 down.T.contiguous(), PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)
             )
@@ -277,7 +246,3 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, min and max perplexity over seeds per (strategy, neuron_sparsity)."""
     grouped = results.groupby(["strategy", "neuron_sparsity"], sort=False)["perplexity"]
     return grouped.agg(["mean", "min", "max", "count"]).reset_index()
-
-
-def strategies_in(results: pd.DataFrame) -> Iterable[str]:
-    return [s for s in dict.fromkeys(results["strategy"]) if s != "dense"]

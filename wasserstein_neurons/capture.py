@@ -26,7 +26,7 @@ import fnmatch
 import json
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,14 +237,16 @@ def capture_activations(
 
     fwd_hooks = [(name, hook_fn(name)) for name in names]
     last_layer = max(hook_layer(n) for n in names)
-    stop = last_layer + 1 if 0 <= last_layer < bridge.cfg.n_layers - 1 else None
-    device = model.device
     try:
-        for start in tqdm(
-            range(0, n_windows, batch_size), desc="capture", unit="batch", disable=not progress
-        ):
-            batch = windows[start : start + batch_size].to(device)
-            bridge.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop)
+        run_hooked(
+            model,
+            windows,
+            fwd_hooks,
+            batch_size=batch_size,
+            last_layer=last_layer,
+            progress=progress,
+            desc="capture",
+        )
     finally:
         for writer in writers.values():
             writer.file.close()
@@ -266,6 +268,50 @@ def capture_activations(
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(store_dir / "meta.json")
     return ActivationStore(path=store_dir, meta=meta)
+
+
+@torch.no_grad()
+def run_hooked(
+    model,
+    windows: torch.Tensor,
+    fwd_hooks: Sequence[tuple[str, Callable]],
+    *,
+    batch_size: int = 8,
+    last_layer: int | None = None,
+    progress: bool = True,
+    desc: str = "forward",
+) -> None:
+    """Run ``windows`` through the (dense, unmodified-order) model with TransformerLens hooks.
+
+    The one loop for "collect something from hook points over calibration windows": the
+    activation store, the ablation's calibration statistics and the disentanglement analysis's
+    linear inputs all go through it.  (Inputs of *sequentially* modified layers come from the
+    layer loop, :mod:`wasserstein_neurons.layerwise`, instead.)
+
+    Parameters
+    ----------
+    model : LoadedModel
+        Its ``bridge`` runs the batches on ``model.device``.
+    windows : LongTensor, shape ``[n_windows, seqlen]``
+        Token ids; each window is one sequence (no BOS is added).
+    fwd_hooks : sequence of ``(hook_name, fn(activation, hook))``
+        As for ``TransformerBridge.run_with_hooks``; ``activation`` is ``[batch, seqlen, d]``.
+    batch_size : int
+        Windows per forward pass.
+    last_layer : int, optional
+        Stop the forward after this decoder layer (``None``: run the whole model).
+    progress : bool
+        tqdm bar over batches, labelled ``desc``.
+    """
+    n_layers = model.adapter.n_layers
+    stop = last_layer + 1 if last_layer is not None and 0 <= last_layer < n_layers - 1 else None
+    for start in tqdm(
+        range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress
+    ):
+        batch = windows[start : start + batch_size].to(model.device)
+        model.bridge.run_with_hooks(
+            batch, fwd_hooks=list(fwd_hooks), return_type=None, stop_at_layer=stop
+        )
 
 
 def remove_store(store_dir: str | Path) -> None:

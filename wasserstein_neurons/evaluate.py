@@ -32,13 +32,14 @@ computed by the bridge's own eager code (to expose ``hook_attn_scores`` / ``hook
 and it sets ``config._attn_implementation = "eager"``.  Setting the config back to
 ``"sdpa"`` has *no effect* on a bridged model (measured: bit-identical outputs; the wrappers
 ignore it).  ``use_sdpa=True`` therefore runs the native HF modules: during the call every
-bridge wrapper is temporarily replaced in its parent by the module it wraps
-(:func:`native_modules`) and ``config._attn_implementation`` is set to ``"sdpa"``; both are
-restored in a ``finally`` block.  This is only valid if the wrappers add nothing to the
-computation, which fails when hooks that edit activations are attached to the bridge, or on
-GPT-NeoX models whose attention was pruned through the bridge (the bridge runs split
-``q``/``k``/``v`` *copies* of the fused ``query_key_value`` weight, so the native module would
-use the stale dense weight).  Hence, with ``verify=True`` (default), the per-token losses of a
+bridge wrapper is temporarily replaced in its parent by the module it wraps and
+``config._attn_implementation`` is set to ``"sdpa"``
+(:func:`~wasserstein_neurons.bridge.native_sdpa`); both are restored in a ``finally``
+block.  This is only valid if the wrappers add nothing to the computation, which fails when
+hooks that edit activations are attached to the bridge, or on GPT-NeoX models whose attention
+was pruned through the bridge (the bridge runs split ``q``/``k``/``v`` *copies* of the fused
+``query_key_value`` weight, so the native module would use the stale dense weight).
+Hence, with ``verify=True`` (default), the per-token losses of a
 probe (the first window, up to 256 tokens) are computed both ways first, and on any
 disagreement beyond float tolerance a warning is issued and the bridged (eager) path is used.
 """
@@ -48,8 +49,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .bridge import has_bridge_modules, hf_model_of, native_sdpa
+
 __all__ = [
     "PerplexityResult",
-    "has_bridge_modules",
-    "native_modules",
     "perplexity",
     "window_nll",
 ]
@@ -96,73 +96,6 @@ class PerplexityResult:
     n_windows: int = 0
     seqlen: int = 0
     backend: str = ""
-
-
-def _hf_model(model) -> nn.Module:
-    """The ``transformers`` model inside a LoadedModel / TransformerBridge, or ``model``."""
-    for attr in ("hf_model", "original_model"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return inner
-    if isinstance(model, nn.Module):
-        return model
-    raise TypeError(f"expected a LoadedModel or a transformers model, got {type(model).__name__}")
-
-
-def _bridge_base():
-    try:
-        from transformer_lens.model_bridge.generalized_components.base import (
-            GeneralizedComponent,
-        )
-    except ImportError:  # pragma: no cover - transformer_lens is a dependency
-        return None
-    return GeneralizedComponent
-
-
-def _wrapped(module: nn.Module, base) -> nn.Module | None:
-    if base is None or not isinstance(module, base):
-        return None
-    inner = getattr(module, "original_component", None)
-    return inner if isinstance(inner, nn.Module) else None
-
-
-def has_bridge_modules(hf: nn.Module) -> bool:
-    """Whether any module of ``hf`` is a TransformerLens bridge wrapper."""
-    base = _bridge_base()
-    return base is not None and any(isinstance(m, base) for m in hf.modules())
-
-
-@contextmanager
-def native_modules(hf: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily replace every TransformerLens wrapper in ``hf`` by the module it wraps.
-
-    Inside the block ``hf`` is a plain ``transformers`` model again (e.g.
-    ``hf.model.layers[0]`` is a ``LlamaDecoderLayer`` and ``.mlp.gate_proj`` an ``nn.Linear``):
-    no bridge hook fires and HF's own attention implementations are used.  Parameters are
-    shared, so pruned weights and modules installed with ``set_original_component`` are
-    used.  Not thread-safe: the bridge is unusable until the block exits.
-    """
-    base = _bridge_base()
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-
-    def visit(module: nn.Module) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            inner = _wrapped(child, base)
-            while inner is not None:
-                swaps.append((module, name, module._modules[name]))
-                module._modules[name] = inner
-                child = inner
-                inner = _wrapped(child, base)
-            visit(child)
-
-    try:
-        visit(hf)
-        yield hf
-    finally:
-        for module, name, wrapper in reversed(swaps):
-            module._modules[name] = wrapper
 
 
 def _lm_parts(hf: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -229,23 +162,12 @@ def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str
 def _probe_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> tuple[bool, float]:
     """Compare per-token NLLs of the bridged and native sdpa paths on ``probe``."""
     ref = window_nll(hf, probe, nll_chunk, reduction="none")
-    with native_modules(hf), _attn_implementation(hf, "sdpa"):
+    with native_sdpa(hf):
         fast = window_nll(hf, probe, nll_chunk, reduction="none")
     diff = float((ref - fast).abs().max())
     dtype = next(hf.parameters()).dtype
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     return diff <= tol, diff
-
-
-@contextmanager
-def _attn_implementation(hf: nn.Module, name: str) -> Iterator[None]:
-    cfg = hf.config
-    old = getattr(cfg, "_attn_implementation", None)
-    try:
-        cfg._attn_implementation = name
-        yield
-    finally:
-        cfg._attn_implementation = old
 
 
 def perplexity(
@@ -295,7 +217,7 @@ def perplexity(
         )
     if batch_size < 1 or nll_chunk < 1:
         raise ValueError("batch_size and nll_chunk must be positive")
-    hf = _hf_model(model)
+    hf = hf_model_of(model)
     device = next(hf.parameters()).device
     windows = windows.long()
     n, seqlen = windows.shape
@@ -320,7 +242,7 @@ def perplexity(
                 )
                 sdpa = False
         total = 0.0
-        with _native_sdpa(hf, bridged) if sdpa else nullcontext():
+        with native_sdpa(hf) if sdpa else nullcontext():
             backend = "sdpa" if sdpa else backend
             for i in tqdm(
                 range(0, n, batch_size),
@@ -343,13 +265,3 @@ def perplexity(
         seqlen=seqlen,
         backend=backend,
     )
-
-
-@contextmanager
-def _native_sdpa(hf: nn.Module, bridged: bool) -> Iterator[None]:
-    if bridged:
-        with native_modules(hf), _attn_implementation(hf, "sdpa"):
-            yield
-    else:
-        with _attn_implementation(hf, "sdpa"):
-            yield

@@ -462,7 +462,7 @@ def plot_w1_vs_k(
 def plot_expansion_grid(results: pd.DataFrame, title: str = "", log_y: bool = True):
     """Perplexity vs sparsity: one line per method / number of experts.
 
-    ``results`` is the table of :func:`~wasserstein_neurons.expansion.grid.run_grid` (columns
+    ``results`` is the table of :func:`~wasserstein_neurons.workflows.run_grid` (columns
     ``method, experts, sparsity, prunen, prunem, perplexity``).  Unstructured sparsities are
     placed left to right in increasing order, n:m patterns (e.g. ``2:4``) after them; the
     ``dense`` row is drawn as a horizontal reference line.  SparseGPT is labelled as the k = 1

@@ -17,11 +17,29 @@ Example
 torch.Size([5, 32])
 """
 
+from ..bridge import linear_features, replace_linear, restore_linear
+from .builder import (
+    DEFAULT_KMEANS_RESTARTS,
+    ExpansionConfig,
+    apply_expansion,
+    build_sparse_expansion,
+    expanded_modules,
+    load_expanded,
+    mlp_cost,
+    save_expanded,
+)
 from .expert_linear import ExpertRoutedLinear, PackedSparseStack
-from .replace import linear_features, replace_linear, restore_linear
 from .router import Router, RouterFitInfo, SmallClusterWarning, fit_router
 
 __all__ = [
+    "DEFAULT_KMEANS_RESTARTS",
+    "ExpansionConfig",
+    "apply_expansion",
+    "build_sparse_expansion",
+    "expanded_modules",
+    "load_expanded",
+    "mlp_cost",
+    "save_expanded",
     "ExpertRoutedLinear",
     "PackedSparseStack",
     "Router",

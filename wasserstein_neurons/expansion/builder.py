@@ -102,10 +102,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..pruning import PruneSpec, SparseGPTPruner, sequential_layerwise
-from ..pruning.sequential import LayerContext
+from ..bridge import replace_linear
+from ..layerwise import LayerContext, sequential_layerwise
+from ..pruning import PruneSpec, SparseGPTPruner
 from .expert_linear import ExpertRoutedLinear
-from .replace import replace_linear
 from .router import Router, SmallClusterWarning, fit_router
 
 __all__ = [
@@ -342,7 +342,7 @@ def _cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
 @contextmanager
 def _sdpa_forward(model) -> Iterator[bool]:
     """Native HF modules + sdpa attention for the duration (yields whether it is active)."""
-    from ..evaluate import has_bridge_modules, native_modules
+    from ..bridge import has_bridge_modules, native_modules
 
     hf = model.hf_model
     if not getattr(hf, "_supports_sdpa", False):
@@ -876,7 +876,7 @@ def build_sparse_expansion(
     }
     sdpa_ctx = _sdpa_forward(model) if cfg.sdpa else nullcontext(False)
     with sdpa_ctx:
-        from ..evaluate import has_bridge_modules
+        from ..bridge import has_bridge_modules
 
         # interrupting a layer's forward is only safe without bridge wrappers
         builder = _Builder(model, cfg, not has_bridge_modules(hf), holders)

@@ -216,6 +216,62 @@ class PruneSpec:
         if not self.percdamp >= 0:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
 
+    @classmethod
+    def from_settings(
+        cls, sparsity: float = 0.0, prunen: int = 0, prunem: int = 0, **kwargs: Any
+    ) -> PruneSpec:
+        """The spec of the sparsity flags ``--sparsity / --prunen / --prunem``.
+
+        The one home of the rule "n:m overrides sparsity": with an n:m pattern the sparsity
+        flag is ignored (the pattern fixes it at ``prunen / prunem``).
+
+        Raises
+        ------
+        ValueError
+            When only one of ``prunen`` / ``prunem`` is given, or for any invalid value.
+        """
+        if (prunen == 0) != (prunem == 0):
+            raise ValueError(
+                f"malformed n:m sparsity {prunen}:{prunem}: give both --prunen and --prunem"
+            )
+        return cls(sparsity=0.0 if prunem else sparsity, prunen=prunen, prunem=prunem, **kwargs)
+
+    @classmethod
+    def from_pattern(cls, pattern: str | float, **kwargs: Any) -> PruneSpec:
+        """``"2:4"`` -> ``PruneSpec(prunen=2, prunem=4)``; ``"0.9"`` or ``0.9`` ->
+        ``PruneSpec(sparsity=0.9)``.
+
+        >>> PruneSpec.from_pattern("2:4").target_sparsity
+        0.5
+
+        Raises
+        ------
+        ValueError
+            For a malformed value, a sparsity outside ``[0, 1)`` or a bad n:m pattern.
+        """
+        text = str(pattern).strip()
+        if ":" in text:
+            try:
+                n, m = (int(p) for p in text.split(":"))
+            except ValueError:
+                raise ValueError(f"malformed n:m sparsity {text!r}; expected e.g. '2:4'") from None
+            return cls(prunen=n, prunem=m, **kwargs)
+        try:
+            s = float(text)
+        except ValueError:
+            raise ValueError(f"malformed sparsity {text!r}; expected e.g. 0.5 or 2:4") from None
+        return cls(sparsity=s, **kwargs)
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of zeroed weights asked for: ``prunen / prunem`` with n:m, else ``sparsity``."""
+        return self.prunen / self.prunem if self.is_nm else self.sparsity
+
+    @property
+    def label(self) -> str:
+        """``"2:4"`` for n:m, else the sparsity (``"0.5"``): the inverse of :meth:`from_pattern`."""
+        return f"{self.prunen}:{self.prunem}" if self.is_nm else f"{self.sparsity:g}"
+
     @property
     def is_nm(self) -> bool:
         """Whether n:m semi-structured sparsity is requested."""

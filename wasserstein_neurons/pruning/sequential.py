@@ -1,49 +1,9 @@
-r"""Sequential layer-wise calibration: walk a decoder one layer at a time.
+r"""The pruning driver: magnitude / Wanda / SparseGPT on every decoder layer, sequentially.
 
-One-shot pruning methods (SparseGPT, Wanda) and the Sparse Expansion builder all calibrate
-*sequentially*: layer :math:`l` is calibrated on the inputs it receives from the already
-modified (pruned / expanded) layers :math:`0, \dots, l-1`, so errors of earlier layers are
-seen, and partly compensated, by later ones.
-
-Two levels of API
------------------
-:func:`sequential_layerwise`
-    The traversal only.  It runs the model once up to decoder layer 0 to catch that layer's
-    inputs for every calibration window (hidden states ``[n_windows, seqlen, d_model]`` plus
-    the extra arguments the model passes to its layers: attention mask, position ids,
-    rotary embeddings ...), then for ``l = 0 .. L-1`` calls ``process_layer(ctx)`` with a
-    :class:`LayerContext` and afterwards replaces the stored hidden states by the layer's
-    outputs, computed with whatever modules the callback left in place (pruned weights,
-    expert-routed layers).  The callback decides what to do with the layer:
-    :meth:`LayerContext.run` runs it over all calibration batches with hooks on chosen
-    modules, :meth:`LayerContext.collect_inputs` gathers a module's inputs ``[tokens, in]``.
-:func:`sequential_prune`
-    Magnitude / Wanda / SparseGPT pruning of chosen linears of every layer, built on the
-    traversal; returns one summary row per pruned matrix.
-
-Memory: one buffer with the current layer's inputs for all windows
-(``n_windows * seqlen * d_model`` values of the model dtype, on the model's device or, with
-``offload=True``, on the CPU) plus the activations of one batch inside the layer; the extra
-layer arguments are stored once per distinct batch size (they do not depend on the tokens).
-
-Targets
--------
-A *target* is one linear module of a decoder layer, named
-
-* by its MLP role (``"gate"``, ``"up"``, ``"down"``; see
-  :class:`~wasserstein_neurons.models.ArchitectureAdapter`), or
-* for other linears (attention), by its module path inside the layer with the TransformerLens
-  wrapper levels removed, e.g. ``"self_attn.q_proj"`` (Llama), ``"attention.q"`` (GPT-NeoX),
-  ``"attn.q"`` (GPT-2).  :func:`layer_linears` lists them.
-
-TransformerLens bridges wrap every linear in a ``LinearBridge``; targets are always the
-*unwrapped* modules (``nn.Linear`` or GPT-2's ``Conv1D``), each counted once.  The bridges of
-GPT-NeoX and GPT-2 split the fused QKV projection into separate ``q``/``k``/``v`` linears
-and run those (the fused module is then never called): only modules that the forward pass
-actually calls are pruned when ``targets="all"``.  On GPT-2 the split weights are views of
-the fused ``c_attn`` weight, so pruning them prunes ``c_attn``; on GPT-NeoX they are copies,
-and the HF ``query_key_value`` parameter keeps its dense values (the bridged forward, which
-is what every hook and the HF ``forward`` of a bridged model run, uses the pruned copies).
+Built on the one layer loop, :func:`~wasserstein_neurons.layerwise.sequential_layerwise`: each
+layer's target linears are calibrated on the inputs that the already pruned layers produce,
+pruned through a :class:`~wasserstein_neurons.pruning.Pruner`, and the layer is re-run to feed
+the next one.  :func:`sequential_prune` returns one summary row per pruned matrix.
 
 Example
 -------
@@ -58,46 +18,24 @@ Example
     windows = calibration_windows(tokens, nsamples=128, seqlen=512, seed=0)
     summary = sequential_prune(model, windows, "sparsegpt", PruneSpec(sparsity=0.5))
     summary.groupby("role")[["sparsity", "rel_error"]].mean()
-
-A custom per-layer procedure (what the Sparse Expansion builder does)::
-
-    def process(ctx):                       # ctx: LayerContext of layer ctx.index
-        x = ctx.collect_inputs(ctx.targets(["gate"]))["gate"]   # [tokens, d_model]
-        ...                                 # fit a router on x, build experts, swap modules
-        x_down = ctx.collect_inputs(ctx.targets(["down"]))["down"]  # through the new modules
-        ...
-
-    sequential_layerwise(model, windows, process)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
+from ..bridge import linear_weight
+from ..layerwise import LayerContext, resolve_layers, resolve_targets, sequential_layerwise
 from .base import Pruner, PruneSpec
+from .registry import PRUNERS, check_method, make_pruner
 
-__all__ = [
-    "SUMMARY_COLUMNS",
-    "LayerContext",
-    "SnapshotEntry",
-    "WeightSnapshot",
-    "layer_linears",
-    "resolve_targets",
-    "restore_weights",
-    "sequential_layerwise",
-    "sequential_prune",
-    "snapshot_weights",
-    "target_weight",
-]
+__all__ = ["SUMMARY_COLUMNS", "SpecLike", "sequential_prune"]
 
 #: Columns of the DataFrame returned by :func:`sequential_prune`.
 SUMMARY_COLUMNS = (
@@ -114,8 +52,6 @@ SUMMARY_COLUMNS = (
     "rel_error",
 )
 
-_WRAPPER_ATTRS = ("_original_component", "original_component")
-
 #: What a spec argument may be: one spec (or a bare sparsity) for every target, a mapping
 #: ``(layer, role) -> spec`` (missing keys are not pruned) or a callable ``(layer, role) -> spec``.
 SpecLike = (
@@ -124,100 +60,6 @@ SpecLike = (
     | Mapping[tuple[int, str], PruneSpec | float | None]
     | Callable[[int, str], PruneSpec | float | None]
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Targets
-# --------------------------------------------------------------------------------------------
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | Conv1D)
-
-
-def _clean_name(path: str) -> str:
-    return ".".join(p for p in path.split(".") if p not in _WRAPPER_ATTRS)
-
-
-def _weight_view(module: nn.Module) -> Tensor:
-    """``[out, in]`` view of a linear's weight data (transposed view for ``Conv1D``)."""
-    w = module.weight.data
-    return w.T if isinstance(module, Conv1D) else w
-
-
-def layer_linears(model, layer: int) -> dict[str, nn.Module]:
-    """Every linear module of one decoder layer, unwrapped and counted once.
-
-    Parameters
-    ----------
-    model : LoadedModel
-        From :func:`~wasserstein_neurons.models.load_model`.
-    layer : int
-        Decoder layer index.
-
-    Returns
-    -------
-    dict[str, nn.Module]
-        Name -> ``nn.Linear`` / ``Conv1D`` in module-registration order.  MLP linears are keyed
-        by their role (``gate``/``up``/``down``); the others by their path inside the layer
-        without TransformerLens wrapper levels (``self_attn.q_proj``, ``attn.q`` ...).  An MLP
-        role whose module was replaced by a non-linear module (e.g. an expert-routed layer)
-        still appears, mapped to that module.  Some listed modules may never be called by the
-        forward pass (the fused QKV linear of bridged GPT-NeoX / GPT-2 models).
-    """
-    adapter, hf = model.adapter, model.hf_model
-    role_of = {id(adapter.linear(hf, layer, r)): r for r in adapter.roles}
-    out: dict[str, nn.Module] = {}
-    for path, module in adapter.decoder_layers(hf)[layer].named_modules():
-        if _is_linear(module):
-            out.setdefault(role_of.get(id(module)) or _clean_name(path), module)
-    for r in adapter.roles:
-        out.setdefault(r, adapter.linear(hf, layer, r))
-    return out
-
-
-def resolve_targets(
-    model, layer: int, targets: str | Sequence[str] = "mlp"
-) -> dict[str, nn.Module]:
-    """The target modules of ``layer``.
-
-    Parameters
-    ----------
-    model : LoadedModel
-    layer : int
-    targets : {"mlp", "all"} or str or sequence of str
-        ``"mlp"``: every MLP linear (``adapter.roles``); ``"all"``: every linear of the layer
-        (:func:`layer_linears`); otherwise one name or a sequence of names (roles such as
-        ``("gate", "up")`` or attention names from :func:`layer_linears`).
-
-    Returns
-    -------
-    dict[str, nn.Module]
-
-    Raises
-    ------
-    ValueError
-        For an unknown name (the message lists the valid ones).
-    """
-    if targets == "mlp":
-        adapter = model.adapter
-        return {r: adapter.linear(model.hf_model, layer, r) for r in adapter.roles}
-    available = layer_linears(model, layer)
-    if targets == "all":
-        return available
-    names = [targets] if isinstance(targets, str) else list(targets)
-    unknown = [n for n in names if n not in available]
-    if unknown:
-        raise ValueError(
-            f"unknown target(s) {unknown} in layer {layer}; valid: 'mlp', 'all' or names "
-            f"among {', '.join(available)}"
-        )
-    return {n: available[n] for n in dict.fromkeys(names)}
-
-
-def target_weight(model, layer: int, role: str) -> Tensor:
-    """``[out, in]`` view of a target's weight (writes go through to the parameter)."""
-    return _weight_view(resolve_targets(model, layer, [role])[role])
 
 
 def _spec_getter(spec: SpecLike) -> Callable[[int, str], PruneSpec | None]:
@@ -241,457 +83,6 @@ def _spec_getter(spec: SpecLike) -> Callable[[int, str], PruneSpec | None]:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Catching the inputs of layer 0
-# --------------------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised by the pre-hook on decoder layer 0 once its inputs are caught."""
-
-
-def _catch_layer0(hf: nn.Module, layer0: nn.Module, ids: Tensor) -> tuple[Tensor, tuple, dict]:
-    caught: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        caught["args"], caught["kwargs"] = args, dict(kwargs)
-        raise _StopForward
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        hf(input_ids=ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not caught:
-        raise RuntimeError("the model's forward pass never reached decoder layer 0")
-    args, kwargs = caught["args"], caught["kwargs"]
-    if args:
-        return args[0], tuple(args[1:]), kwargs
-    return kwargs.pop("hidden_states"), (), kwargs
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Whether two caught layer arguments are interchangeable (tensors compared by value)."""
-    if a is b:
-        return True
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return (
-            a.shape == b.shape
-            and a.dtype == b.dtype
-            and a.device == b.device
-            and bool(torch.equal(a, b))
-        )
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, bool | int | float | str) and type(a) is type(b):
-        return a == b
-    return False
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
-    if args:
-        return args[0]
-    for key in ("input", "x", "hidden_states"):
-        if key in kwargs:
-            return kwargs[key]
-    return next(v for v in kwargs.values() if isinstance(v, Tensor))
-
-
-def _first_output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-# --------------------------------------------------------------------------------------------
-# Traversal
-# --------------------------------------------------------------------------------------------
-
-
-class LayerContext:
-    """What :func:`sequential_layerwise` hands to its callback for one decoder layer.
-
-    The layer's inputs (for every calibration window) are those produced by the already
-    processed layers ``0 .. index-1``.  Tokens are ordered window by window: token ``t`` of a
-    collected ``[tokens, d]`` tensor is position ``t % seqlen`` of window ``t // seqlen``.
-
-    Attributes
-    ----------
-    index : int
-        Decoder layer index.
-    layer : nn.Module
-        The decoder layer module (a TransformerLens ``BlockBridge`` on a bridged model).
-        Calling it runs whatever modules are currently in place.
-    model : LoadedModel
-        The model being processed.
-    device : torch.device
-        Where the layer runs.
-    """
-
-    def __init__(
-        self,
-        model,
-        index: int,
-        layer: nn.Module,
-        hidden: Tensor,
-        extras: list[tuple[tuple, dict]],
-        slices: list[slice],
-        device: torch.device,
-    ) -> None:
-        self.model = model
-        self.index = index
-        self.layer = layer
-        self.device = device
-        self._hidden = hidden  # [n_windows, seqlen, d_model], storage device
-        self._extras = extras  # per batch: (extra positional args, kwargs)
-        self._slices = slices
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def n_windows(self) -> int:
-        return self._hidden.shape[0]
-
-    @property
-    def seqlen(self) -> int:
-        return self._hidden.shape[1]
-
-    @property
-    def n_tokens(self) -> int:
-        """Calibration tokens seen by this layer (``n_windows * seqlen``)."""
-        return self.n_windows * self.seqlen
-
-    @property
-    def n_batches(self) -> int:
-        return len(self._slices)
-
-    # ------------------------------------------------------------------ inputs
-    def hidden_states(self) -> Tensor:
-        """The layer's inputs ``[n_windows, seqlen, d_model]``.
-
-        A view of the driver's buffer, which is overwritten by the layer's outputs after the
-        callback returns: ``clone()`` it to keep it.
-        """
-        return self._hidden
-
-    @property
-    def bridge_block(self) -> nn.Module | None:
-        """``model.bridge.blocks[index]`` (TransformerLens names), or None without a bridge."""
-        bridge = getattr(self.model, "bridge", None)
-        return None if bridge is None else bridge.blocks[self.index]
-
-    def replace_linear(self, role: str, module: nn.Module) -> nn.Module:
-        """Put ``module`` in place of the MLP linear ``role``; returns the module it replaces.
-
-        On a bridged model this calls ``LinearBridge.set_original_component`` so that the
-        TransformerLens hooks (``hook_pre`` ...) report the new module's outputs; assigning
-        to the HF attribute instead would leave the hooks reporting the old module's values.
-        Later passes of the traversal (including the propagation to the next layer) run the
-        new module.  ``module`` takes ``[..., in]`` and returns ``[..., out]``.
-        """
-        adapter, hf = self.model.adapter, self.model.hf_model
-        spec = adapter.spec(role)
-        old = adapter.linear(hf, self.index, role)
-        parent = adapter.mlp(hf, self.index)
-        holder = getattr(parent, spec.hf_attr)
-        if hasattr(holder, "set_original_component"):
-            holder.set_original_component(module)
-        else:
-            setattr(parent, spec.hf_attr, module)
-        return old
-
-    def linears(self) -> dict[str, nn.Module]:
-        """:func:`layer_linears` of this layer."""
-        return layer_linears(self.model, self.index)
-
-    def targets(self, targets: str | Sequence[str] = "mlp") -> dict[str, nn.Module]:
-        """:func:`resolve_targets` of this layer."""
-        return resolve_targets(self.model, self.index, targets)
-
-    # ------------------------------------------------------------------ running
-    def forward_batch(self, i: int) -> Tensor:
-        """Run the layer on calibration batch ``i``; returns its output ``[b, seqlen, d_model]``."""
-        x = self._hidden[self._slices[i]].to(self.device, non_blocking=True)
-        args, kwargs = self._extras[i]
-        with torch.no_grad():
-            return _first_output(self.layer(x, *args, **kwargs))
-
-    def run(
-        self,
-        input_hooks: Mapping[nn.Module, Callable[[Tensor], None]] | None = None,
-        output_hooks: Mapping[nn.Module, Callable[[Tensor], None]] | None = None,
-        batches: Iterable[int] | None = None,
-    ) -> None:
-        """Run the layer over the calibration batches, feeding hooks; outputs are discarded.
-
-        Parameters
-        ----------
-        input_hooks : mapping nn.Module -> callable, optional
-            ``fn(x)`` is called with the input ``x: [batch, seqlen, in]`` of the module every
-            time it is called (a forward pre-hook; works on unwrapped modules and on bridge
-            wrappers alike).
-        output_hooks : mapping nn.Module -> callable, optional
-            ``fn(y)`` is called with the module's output (the first element of a tuple).
-        batches : iterable of int, optional
-            Batch indices to run (default all).
-        """
-        handles = []
-        try:
-            for module, fn in (input_hooks or {}).items():
-                handles.append(
-                    module.register_forward_pre_hook(
-                        lambda m, a, k, fn=fn: fn(_first_tensor(a, k)), with_kwargs=True
-                    )
-                )
-            for module, fn in (output_hooks or {}).items():
-                handles.append(
-                    module.register_forward_hook(lambda m, a, o, fn=fn: fn(_first_output(o)))
-                )
-            for i in range(self.n_batches) if batches is None else batches:
-                self.forward_batch(i)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def collect_inputs(
-        self,
-        modules: Mapping[str, nn.Module],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> dict[str, Tensor]:
-        """Inputs of chosen modules over all calibration tokens, in one pass of the layer.
-
-        Parameters
-        ----------
-        modules : mapping name -> nn.Module
-            E.g. ``ctx.targets(["gate"])``.
-        device, dtype : optional
-            Where / how to store the result (default: the activations' device and dtype).
-
-        Returns
-        -------
-        dict[str, Tensor]
-            Name -> ``[n_tokens, in]`` (window-major token order).
-        """
-        return self._collect(modules, device, dtype, outputs=False)
-
-    def collect_outputs(
-        self,
-        modules: Mapping[str, nn.Module],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> dict[str, Tensor]:
-        """Outputs ``[n_tokens, out]`` of chosen modules (see :meth:`collect_inputs`)."""
-        return self._collect(modules, device, dtype, outputs=True)
-
-    def _collect(self, modules, device, dtype, outputs: bool) -> dict[str, Tensor]:
-        chunks: dict[str, list[Tensor]] = {name: [] for name in modules}
-
-        def keep(name: str) -> Callable[[Tensor], None]:
-            def fn(x: Tensor) -> None:
-                x = x.detach().reshape(-1, x.shape[-1])
-                chunks[name].append(x.to(device=device or x.device, dtype=dtype or x.dtype))
-
-            return fn
-
-        hooks = {m: keep(n) for n, m in modules.items()}
-        if outputs:
-            self.run(output_hooks=hooks)
-        else:
-            self.run(input_hooks=hooks)
-        missing = [n for n, c in chunks.items() if not c]
-        if missing:
-            raise RuntimeError(
-                f"layer {self.index}: module(s) {missing} were never called by the layer's "
-                "forward (replaced outside the bridge? see LinearBridge.set_original_component)"
-            )
-        return {n: torch.cat(c) for n, c in chunks.items()}
-
-    def call_groups(self, modules: Mapping[str, nn.Module]) -> list[list[str]]:
-        """Order in which the layer calls ``modules``, grouped by shared input.
-
-        Runs the layer on the first calibration batch.  Consecutive modules that receive the
-        very same input tensor (e.g. Llama's ``gate`` and ``up``, or ``q``/``k``/``v``) form one
-        group: modifying one of them cannot change the inputs of the others.  Modules that
-        are never called are left out.
-
-        Returns
-        -------
-        list of list of str
-            E.g. ``[["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            ["self_attn.o_proj"], ["gate", "up"], ["down"]]``.
-        """
-        calls: list[tuple[str, Tensor]] = []
-        seen: set[str] = set()
-
-        def record(name: str) -> Callable[[Tensor], None]:
-            def fn(x: Tensor) -> None:
-                if name not in seen:
-                    seen.add(name)
-                    calls.append((name, x))  # keeps x alive: data_ptr comparisons are safe
-
-            return fn
-
-        self.run(input_hooks={m: record(n) for n, m in modules.items()}, batches=[0])
-        groups: list[list[str]] = []
-        prev: Tensor | None = None
-        for name, x in calls:
-            same = (
-                prev is not None
-                and x.data_ptr() == prev.data_ptr()
-                and x.shape == prev.shape
-                and x.stride() == prev.stride()
-                and x.dtype == prev.dtype
-            )
-            if same:
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-                prev = x
-        return groups
-
-    def _propagate(self) -> None:
-        """Replace the stored inputs by the layer's outputs (the next layer's inputs)."""
-        for i, sl in enumerate(self._slices):
-            out = self.forward_batch(i)
-            self._hidden[sl] = out.to(self._hidden.device, self._hidden.dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"LayerContext(index={self.index}, n_windows={self.n_windows}, "
-            f"seqlen={self.seqlen}, n_batches={self.n_batches}, device={str(self.device)!r})"
-        )
-
-
-def _check_windows(windows: Tensor) -> Tensor:
-    windows = torch.as_tensor(windows)
-    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
-        raise ValueError(
-            f"windows must be token ids [n_windows, seqlen], got {tuple(windows.shape)}"
-        )
-    if windows.is_floating_point():
-        raise ValueError("windows must hold integer token ids")
-    return windows.long()
-
-
-def _resolve_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    chosen = sorted({int(layer) for layer in layers})
-    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
-    if bad:
-        raise ValueError(f"layer indices {bad} out of range [0, {n_layers})")
-    return chosen
-
-
-def sequential_layerwise(
-    model,
-    windows: Tensor,
-    process_layer: Callable[[LayerContext], None],
-    *,
-    layers: Iterable[int] | None = None,
-    batch_size: int = 8,
-    offload: bool = False,
-    progress: bool = True,
-    desc: str = "layers",
-) -> None:
-    r"""Call ``process_layer`` on every decoder layer, in order, with sequential inputs.
-
-    Algorithm::
-
-        H_0 = inputs of decoder layer 0 for every window       # one truncated forward/batch
-        for l in 0 .. L_last:
-            if l in layers: process_layer(ctx_l)              # ctx_l sees H_l
-            if l < L_last: H_{l+1} = layer_l(H_l)             # with the modules now in place
-
-    so the inputs of layer :math:`l` come from the already processed layers.  The extra
-    layer arguments (attention mask, position ids / rotary embeddings) are caught from the
-    model's own forward, so the layer is called exactly as the full model calls it.
-
-    Parameters
-    ----------
-    model : LoadedModel
-        From :func:`~wasserstein_neurons.models.load_model` (bridged or not).  Put in eval
-        mode for the duration of the call.
-    windows : LongTensor, shape ``[n_windows, seqlen]``
-        Calibration token ids (e.g. :func:`~wasserstein_neurons.data.calibration_windows`).
-    process_layer : callable ``(LayerContext) -> None``
-        Called once per processed layer.  It may run the layer with hooks
-        (:meth:`LayerContext.run`, :meth:`LayerContext.collect_inputs`), change weights in
-        place, or swap modules (:meth:`LayerContext.replace_linear`, which goes through
-        ``LinearBridge.set_original_component`` so hooks see the new outputs).
-    layers : iterable of int, optional
-        Layers to hand to ``process_layer`` (default all).  The traversal stops after the
-        last of them; earlier layers are only propagated through.
-    batch_size : int
-        Windows per forward call.
-    offload : bool
-        Keep the ``[n_windows, seqlen, d_model]`` buffer on the CPU instead of the model's
-        device (batches are moved to the device as they are run).
-    progress : bool
-        Show a tqdm progress bar over layers.
-    desc : str
-        Progress bar label.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    windows = _check_windows(windows)
-    hf = model.hf_model
-    adapter = model.adapter
-    decoder = adapter.decoder_layers(hf)
-    chosen = _resolve_layers(layers, len(decoder))
-    if not chosen:
-        return
-    device = next(hf.parameters()).device
-    storage = torch.device("cpu") if offload else device
-    n, seqlen = windows.shape
-    slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-    was_training = hf.training
-    hf.eval()
-    try:
-        hidden: Tensor | None = None
-        extras: list[tuple[tuple, dict]] = []
-        by_size: dict[int, list[tuple[tuple, dict]]] = {}
-        with torch.no_grad():
-            for sl in slices:
-                h, args, kwargs = _catch_layer0(hf, decoder[0], windows[sl].to(device))
-                if hidden is None:
-                    hidden = torch.empty((n, seqlen, h.shape[-1]), dtype=h.dtype, device=storage)
-                hidden[sl] = h.to(storage)
-                # the extras depend on the batch shape only: share equal ones between batches
-                size = sl.stop - sl.start
-                for cand in by_size.setdefault(size, []):
-                    if _same(cand[0], args) and _same(cand[1], kwargs):
-                        extras.append(cand)
-                        break
-                else:
-                    by_size[size].append((args, kwargs))
-                    extras.append((args, kwargs))
-        del by_size
-        wanted = set(chosen)
-        bar = tqdm(range(chosen[-1] + 1), desc=desc, disable=not progress, leave=False)
-        for index in bar:
-            ctx = LayerContext(model, index, decoder[index], hidden, extras, slices, device)
-            if index in wanted:
-                process_layer(ctx)
-            if index < chosen[-1]:
-                ctx._propagate()
-        bar.close()
-    finally:
-        hf.train(was_training)
-
-
-# --------------------------------------------------------------------------------------------
-# Pruning driver
-# --------------------------------------------------------------------------------------------
-
-
-def _target_sparsity(spec: PruneSpec) -> float:
-    return spec.prunen / spec.prunem if spec.is_nm else spec.sparsity
-
-
 def _relative_error(H: Tensor, w0: Tensor, w1: Tensor) -> float:
     r"""Relative output error :math:`\lVert (W_0 - W_1) X \rVert_F / \lVert W_0 X \rVert_F`.
 
@@ -706,78 +97,98 @@ def _relative_error(H: Tensor, w0: Tensor, w1: Tensor) -> float:
     return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
 
 
-def _prune_group(
-    ctx: LayerContext,
-    group: Mapping[str, nn.Module],
-    specs: Mapping[str, PruneSpec],
-    method: str,
-    pruner_device: torch.device | str | None,
-    pruner_kwargs: Mapping[str, Any],
-    measure_error: bool,
-    records: list[dict[str, Any]],
-) -> None:
-    from . import PRUNERS, make_pruner
+class _GroupPruner:
+    """Calibrate and prune one group of targets that share a calibration pass.
 
-    needs_data = PRUNERS[method].needs_calibration
-    dev = pruner_device if pruner_device is not None else ctx.device
-    pruners: dict[str, Pruner] = {}
-    grams: dict[str, Pruner] = {}  # X^T X for the error when the pruner keeps none
-    calibrate = {
-        n: m for n, m in group.items() if not specs[n].is_identity and (needs_data or measure_error)
-    }
+    ``pruners[name]`` accumulates the target's statistics (Wanda norms, SparseGPT Hessian);
+    with ``measure_error`` a method that keeps no Hessian also gets ``grams[name]`` (a
+    SparseGPT pruner used only for :math:`X^\top X`).
+    """
 
-    def feed(name: str) -> Callable[[Tensor], None]:
+    def __init__(self, method: str, device, pruner_kwargs: Mapping[str, Any], measure_error):
+        self.method = method
+        self.device = device
+        self.kwargs = pruner_kwargs
+        self.measure_error = measure_error
+        self.pruners: dict[str, Pruner] = {}
+        self.grams: dict[str, Pruner] = {}
+
+    def feed(self, name: str) -> Callable[[Tensor], None]:
+        """Input hook of target ``name``: ``x: [batch, seqlen, in]``."""
+
         def fn(x: Tensor) -> None:
-            if name not in pruners:
-                pruners[name] = make_pruner(method, x.shape[-1], device=dev, **pruner_kwargs)
-                if measure_error and not hasattr(pruners[name], "H"):
-                    grams[name] = make_pruner("sparsegpt", x.shape[-1], device=dev)
-            pruners[name].add_batch(x)
-            if name in grams:
-                grams[name].add_batch(x)
+            if name not in self.pruners:
+                self.pruners[name] = self._make(x.shape[-1])
+                if self.measure_error and not hasattr(self.pruners[name], "H"):
+                    self.grams[name] = make_pruner("sparsegpt", x.shape[-1], device=self.device)
+            self.pruners[name].add_batch(x)
+            if name in self.grams:
+                self.grams[name].add_batch(x)
 
         return fn
 
-    if calibrate:
-        ctx.run(input_hooks={m: feed(n) for n, m in calibrate.items()})
-    for name, module in group.items():
-        spec = specs[name]
-        w = _weight_view(module)
-        pruner = pruners.pop(name, None)
-        if pruner is None:
-            if name in calibrate:
-                raise RuntimeError(
-                    f"layer {ctx.index}: target {name!r} was never called by the layer's forward, "
-                    "so it received no calibration inputs"
-                )
-            pruner = make_pruner(method, w.shape[1], device=dev, **pruner_kwargs)
+    def _make(self, d_in: int) -> Pruner:
+        return make_pruner(self.method, d_in, device=self.device, **self.kwargs)
+
+    def prune(self, layer: int, name: str, module: nn.Module, spec: PruneSpec) -> dict[str, Any]:
+        """Prune ``module``'s weight in place; returns its summary record."""
+        w = linear_weight(module)
+        pruner = self.pruners.pop(name, None)
+        pruner = self._make(w.shape[1]) if pruner is None else pruner
         result = pruner.prune(w, spec)
         rows = result.rows
         rel_error = float("nan")
+        gram = self.grams.pop(name, None)
         H = getattr(pruner, "H", None)
-        if H is None and name in grams:
-            H = grams[name].H
+        H = gram.H if H is None and gram is not None else H
         if H is not None and pruner.nsamples > 0:
             sel = slice(None) if rows is None else rows
             rel_error = _relative_error(H, w[sel], result.weight[sel])
         w.copy_(result.weight)
-        records.append(
-            {
-                "layer": ctx.index,
-                "role": name,
-                "method": method,
-                "target_sparsity": _target_sparsity(spec),
-                "sparsity": result.sparsity,
-                "n_rows": w.shape[0] if rows is None else int(rows.numel()),
-                "d_in": w.shape[1],
-                "n_tokens": pruner.nsamples,
-                "seconds": result.time_s,
-                "error": result.stats.get("error", float("nan")),
-                "rel_error": rel_error,
-            }
+        return {
+            "layer": layer,
+            "role": name,
+            "method": self.method,
+            "target_sparsity": spec.target_sparsity,
+            "sparsity": result.sparsity,
+            "n_rows": w.shape[0] if rows is None else int(rows.numel()),
+            "d_in": w.shape[1],
+            "n_tokens": pruner.nsamples,
+            "seconds": result.time_s,
+            "error": result.stats.get("error", float("nan")),
+            "rel_error": rel_error,
+        }
+
+
+def _prune_group(
+    ctx: LayerContext,
+    group: Mapping[str, nn.Module],
+    specs: Mapping[str, PruneSpec],
+    pruner: _GroupPruner,
+    records: list[dict[str, Any]],
+) -> None:
+    """One calibration pass of the layer feeding the group's targets, then prune each."""
+    needs_data = PRUNERS[pruner.method].needs_calibration or pruner.measure_error
+    calibrate = {n: m for n, m in group.items() if not specs[n].is_identity and needs_data}
+    if calibrate:
+        ctx.run(input_hooks={m: pruner.feed(n) for n, m in calibrate.items()})
+    never_called = [n for n in calibrate if n not in pruner.pruners]
+    if never_called:
+        raise RuntimeError(
+            f"layer {ctx.index}: target {never_called[0]!r} was never called by the layer's "
+            "forward, so it received no calibration inputs"
         )
-        del pruner, result
-        grams.pop(name, None)
+    for name, module in group.items():
+        records.append(pruner.prune(ctx.index, name, module, specs[name]))
+
+
+def _target_groups(ctx: LayerContext, active: Mapping[str, nn.Module], targets, sequential):
+    """Targets calibrated together: all in one pass, or (``sequential``) in forward order
+    grouped by shared input (:meth:`LayerContext.call_groups`)."""
+    if not (sequential or targets == "all"):
+        return [list(active)]
+    groups = ctx.call_groups(active)  # also drops targets the forward never calls
+    return groups if sequential else [[n for g in groups for n in g]]
 
 
 def sequential_prune(
@@ -860,16 +271,17 @@ def sequential_prune(
         otherwise) and ``rel_error`` :math:`\lVert (W - \hat W) X \rVert_F / \lVert W X
         \rVert_F` over the pruned rows on the calibration inputs (NaN when no Hessian).
     """
-    from . import PRUNERS
-
-    key = method.strip().lower() if isinstance(method, str) else method
-    if key not in PRUNERS:
-        raise ValueError(
-            f"unknown pruning method {method!r}; valid methods: {', '.join(sorted(PRUNERS))}"
-        )
+    key = check_method(method)
     get_spec = _spec_getter(spec)
-    kwargs = dict(pruner_kwargs or {})
     records: list[dict[str, Any]] = []
+
+    def group_pruner(ctx_device) -> _GroupPruner:
+        dev = pruner_device if pruner_device is not None else ctx_device
+        return _GroupPruner(key, dev, dict(pruner_kwargs or {}), measure_error)
+
+    if not PRUNERS[key].needs_calibration and not measure_error and targets != "all":
+        _prune_without_data(model, get_spec, targets, layers, group_pruner, records)
+        return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
 
     def process(ctx: LayerContext) -> None:
         modules = ctx.targets(targets)
@@ -877,23 +289,9 @@ def sequential_prune(
         active = {n: m for n, m in modules.items() if specs[n] is not None}
         if not active:
             return
-        if within_layer_sequential or targets == "all":
-            groups = ctx.call_groups(active)
-            if not within_layer_sequential:
-                groups = [[n for g in groups for n in g]]
-        else:
-            groups = [list(active)]
-        for group in groups:
-            _prune_group(
-                ctx,
-                {n: active[n] for n in group},
-                specs,
-                key,
-                pruner_device,
-                kwargs,
-                measure_error,
-                records,
-            )
+        pruner = group_pruner(ctx.device)
+        for group in _target_groups(ctx, active, targets, within_layer_sequential):
+            _prune_group(ctx, {n: active[n] for n in group}, specs, pruner, records)
 
     sequential_layerwise(
         model,
@@ -908,100 +306,16 @@ def sequential_prune(
     return pd.DataFrame.from_records(records, columns=list(SUMMARY_COLUMNS))
 
 
-# --------------------------------------------------------------------------------------------
-# Snapshots
-# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _prune_without_data(model, get_spec, targets, layers, group_pruner, records) -> None:
+    """Methods that need no calibration (magnitude): prune every target in place, no forward.
 
-
-@dataclass
-class SnapshotEntry:
-    """Saved values of one weight (or of some of its rows).
-
-    Attributes
-    ----------
-    layer, role : int, str
-        Which target.
-    weight : Tensor, shape ``[out, in]``
-        Live view of the parameter (restored in place).
-    rows : LongTensor of shape ``[r]`` or None
-        Saved rows; ``None`` for the whole matrix.
-    saved : Tensor, shape ``[r, in]`` or ``[out, in]``
-        The saved values.
+    Gives the same weights and summary rows as the layer loop (which would only propagate
+    inputs nobody reads).
     """
-
-    layer: int
-    role: str
-    weight: Tensor
-    rows: Tensor | None
-    saved: Tensor
-
-
-@dataclass
-class WeightSnapshot:
-    """Saved weights, restored bit-exactly by :func:`restore_weights`."""
-
-    entries: list[SnapshotEntry] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the saved values."""
-        return sum(e.saved.numel() * e.saved.element_size() for e in self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __iter__(self) -> Iterator[SnapshotEntry]:
-        return iter(self.entries)
-
-
-def snapshot_weights(
-    model,
-    targets: Mapping[tuple[int, str], Any] | Iterable[tuple[int, str]],
-    *,
-    device: torch.device | str | None = None,
-) -> WeightSnapshot:
-    """Save the weights that a pruning run will modify.
-
-    Parameters
-    ----------
-    model : LoadedModel
-    targets : mapping or iterable
-        ``(layer, role)`` pairs (whole matrices), or a mapping ``(layer, role) -> value``
-        where the value is a :class:`~wasserstein_neurons.pruning.PruneSpec` (its ``rows`` are
-        saved; the same mapping can be passed to :func:`sequential_prune`), a row selection
-        (LongTensor / sequence of int / bool mask ``[out]``) or ``None`` (whole matrix).
-        Roles are MLP roles or names from :func:`layer_linears`.
-    device : torch.device or str, optional
-        Where to keep the copies (default: the weight's device; ``"cpu"`` saves GPU memory).
-
-    Returns
-    -------
-    WeightSnapshot
-        Holds live views of the parameters, so restore works as long as the parameters are
-        modified in place (as :func:`sequential_prune` does), not replaced.
-    """
-    items = targets.items() if isinstance(targets, Mapping) else ((t, None) for t in targets)
-    snap = WeightSnapshot()
-    for (layer, role), value in items:
-        w = target_weight(model, layer, role)
-        if isinstance(value, PruneSpec):
-            rows = value.resolve_rows(w.shape[0], w.device)
-        elif value is None:
-            rows = None
-        else:
-            rows = PruneSpec(rows=value).resolve_rows(w.shape[0], w.device)
-        saved = w.clone() if rows is None else w[rows]
-        saved = saved.to(device) if device is not None else saved
-        snap.entries.append(SnapshotEntry(int(layer), role, w, rows, saved))
-    return snap
-
-
-def restore_weights(snapshot: WeightSnapshot) -> None:
-    """Write the saved values back into the parameters (bit-exact)."""
-    with torch.no_grad():
-        for e in snapshot.entries:
-            saved = e.saved.to(e.weight.device)
-            if e.rows is None:
-                e.weight.copy_(saved)
-            else:
-                e.weight[e.rows] = saved
+    pruner = group_pruner(model.device)
+    for index in resolve_layers(layers, model.adapter.n_layers):
+        for name, module in resolve_targets(model, index, targets).items():
+            spec = get_spec(index, name)
+            if spec is not None:
+                records.append(pruner.prune(index, name, module, spec))

@@ -14,30 +14,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plotting
-from .ablation import AblationConfig, collect_calibration, run_ablation, summarize
-from .data import calibration_windows, load_tokens
-from .models import load_model
-from .prune_run import EvalSettings, eval_windows_for
-from .rank_run import RankConfig, run_rank
-from .runs import prepare_run_dir, read_run_config, save_table, write_run_config
+from .. import plotting
+from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
+from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
+from .common import CalibrationSettings, EvalSettings, eval_windows_for
+from .rank import RankConfig, run_rank
 
 
 @dataclass
-class AblateConfig(EvalSettings):
+class AblateConfig(CalibrationSettings, EvalSettings):
+    """Knobs of an ``ablate`` run: the study (:class:`~wasserstein_neurons.ablation.AblationConfig`)
+    plus where its ranking, calibration and evaluation come from."""
+
     out: str = "runs/ablate"
     study: AblationConfig = field(default_factory=AblationConfig)
     ranking: str | None = None
     rank_tokens: int = 32768
     nsamples: int = 64
-    seed: int = 0
     overwrite: bool = False
 
     def validate(self) -> None:
         self.study.validate()
         self.validate_eval()
-        if self.nsamples < 1:
-            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        self.validate_calibration()
 
 
 def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
@@ -56,7 +55,7 @@ def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
 def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataFrame:
     cfg.validate()
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
-    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = cfg.load(model)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.ranking:
@@ -81,14 +80,12 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
     seconds["ranking"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cal = calibration_windows(
-        load_tokens(model.tokenizer, cfg.dataset, "calibration"),
-        cfg.nsamples,
-        cfg.seqlen,
-        seed=cfg.seed,
-    )
     cache = collect_calibration(
-        model, cal, cfg.study.method, batch_size=cfg.batch_size, progress=progress
+        model,
+        cfg.calibration_windows(model),
+        cfg.study.method,
+        batch_size=cfg.batch_size,
+        progress=progress,
     )
     seconds["calibration"] = time.perf_counter() - t0
 

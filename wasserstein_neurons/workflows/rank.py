@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import plotting
-from .capture import ActivationStore, capture_activations, remove_store
-from .data import load_tokens, sample_windows
-from .models import DEFAULT_MODEL, load_model
-from .ranking import check_percent, rank_store, top_activating_contexts, top_neurons
-from .runs import prepare_run_dir, save_table, write_run_config
-from .wasserstein import METHODS
+from .. import plotting
+from ..capture import ActivationStore, capture_activations, remove_store
+from ..data import load_tokens, sample_windows
+from ..models import DEFAULT_MODEL, load_model
+from ..ranking import check_percent, rank_store, top_activating_contexts, top_neurons
+from ..runs import prepare_run_dir, save_table, write_run_config
+from ..wasserstein import METHODS
 
 
 @dataclass

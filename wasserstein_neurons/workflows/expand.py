@@ -41,41 +41,38 @@ from typing import Any
 import pandas as pd
 
 from .. import plotting
-from ..data import calibration_windows, load_tokens
+from ..bridge import native_sdpa
 from ..evaluate import perplexity
-from ..models import load_model
-from ..prune_run import EvalSettings, eval_windows_for
-from ..pruning import PruneSpec, make_pruner, sequential_prune
-from ..runs import prepare_run_dir, save_table, write_run_config
-from .builder import (
+from ..expansion import (
     DEFAULT_KMEANS_RESTARTS,
     ExpansionConfig,
-    _sdpa_forward,
     build_sparse_expansion,
     mlp_cost,
     save_expanded,
 )
+from ..pruning import METHODS, PruneSpec, sequential_prune
+from ..runs import prepare_run_dir, save_table, write_run_config
+from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
 
 __all__ = [
     "BASELINES",
     "EXPERT_GRID",
     "RESULT_COLUMNS",
     "SPARSITY_GRID",
-    "ExpandRunConfig",
+    "ExpandConfig",
     "parse_sparsity",
     "run_expand",
     "run_grid",
     "save_grid_figure",
-    "sparsity_label",
 ]
 
 #: Default grid: unstructured sparsities and n:m patterns (as strings, ``"2:4"``).
 SPARSITY_GRID = ("0.5", "0.7", "0.9", "2:4")
 #: Default numbers of experts (1 = SparseGPT).
 EXPERT_GRID = (1, 2, 4, 8, 16)
-#: One-shot baselines run next to SparseGPT / SE.
-BASELINES = ("magnitude", "wanda")
-_BASELINE_METHODS = ("magnitude", "wanda")
+#: One-shot baselines run next to SparseGPT / SE: every registered pruner but SparseGPT (which
+#: is the builder with one expert).
+BASELINES = tuple(m for m in METHODS if m != "sparsegpt")
 
 #: Columns of ``results.csv``.
 RESULT_COLUMNS = (
@@ -100,36 +97,20 @@ RESULT_COLUMNS = (
 
 
 def parse_sparsity(value: str | float) -> tuple[float, int, int]:
-    """``"0.7"`` -> ``(0.7, 0, 0)``; ``"2:4"`` -> ``(0.5, 2, 4)``.
+    """``"0.7"`` -> ``(0.7, 0, 0)``; ``"2:4"`` -> ``(0.5, 2, 4)`` (see
+    :meth:`~wasserstein_neurons.pruning.PruneSpec.from_pattern`, which validates).
 
     Raises
     ------
     ValueError
         For a malformed value, a sparsity outside ``[0, 1)`` or a bad n:m pattern.
     """
-    text = str(value).strip()
-    if ":" in text:
-        try:
-            n, m = (int(p) for p in text.split(":"))
-        except ValueError:
-            raise ValueError(f"malformed n:m sparsity {text!r}; expected e.g. '2:4'") from None
-        PruneSpec(prunen=n, prunem=m)  # validates 0 < n < m
-        return n / m, n, m
-    try:
-        s = float(text)
-    except ValueError:
-        raise ValueError(f"malformed sparsity {text!r}; expected e.g. 0.5 or 2:4") from None
-    PruneSpec(sparsity=s)
-    return s, 0, 0
-
-
-def sparsity_label(sparsity: float, prunen: int = 0, prunem: int = 0) -> str:
-    """``"2:4"`` for n:m, else the sparsity (``"0.5"``)."""
-    return f"{prunen}:{prunem}" if prunem else f"{sparsity:g}"
+    spec = PruneSpec.from_pattern(value)
+    return spec.target_sparsity, spec.prunen, spec.prunem
 
 
 @dataclass
-class ExpandRunConfig(EvalSettings):
+class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     """Settings of :func:`run_expand` (one setting) and :func:`run_grid`.
 
     Attributes
@@ -158,26 +139,16 @@ class ExpandRunConfig(EvalSettings):
 
     out: str = "runs/expand"
     experts: int = 16
-    sparsity: float = 0.5
-    prunen: int = 0
-    prunem: int = 0
-    wbits: int = 16
     pca_factor: int = 32
     kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS
     min_cluster_tokens: int | None = None
     within_layer_sequential: bool = False
-    nsamples: int = 128
-    seed: int = 0
     grid_sparsities: tuple[str, ...] = SPARSITY_GRID
     grid_experts: tuple[int, ...] = EXPERT_GRID
     baselines: tuple[str, ...] = BASELINES
     save: str | None = None
     overwrite: bool = False
     resume: bool = False
-
-    @property
-    def target_sparsity(self) -> float:
-        return self.prunen / self.prunem if self.prunem else self.sparsity
 
     def expansion_config(
         self, experts: int, sparsity: float, prunen: int = 0, prunem: int = 0
@@ -199,16 +170,11 @@ class ExpandRunConfig(EvalSettings):
 
     def validate(self, grid: bool = False) -> None:
         """Raise ``ValueError`` with a one-line message for any invalid setting."""
-        if (self.prunen == 0) != (self.prunem == 0):
-            raise ValueError(
-                f"malformed n:m sparsity {self.prunen}:{self.prunem}: give both --prunen and "
-                "--prunem"
-            )
+        self.spec()  # sparsity range, n:m shape (both --prunen and --prunem), wbits
         if isinstance(self.experts, bool) or self.experts < 1:
             raise ValueError(f"--experts must be a positive integer, got {self.experts}")
         self.expansion_config(self.experts, self.sparsity, self.prunen, self.prunem)
-        if self.nsamples < 1:
-            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        self.validate_calibration()
         if grid:
             if not self.grid_sparsities or not self.grid_experts:
                 raise ValueError("the grid needs at least one sparsity and one expert count")
@@ -217,11 +183,9 @@ class ExpandRunConfig(EvalSettings):
             bad = [k for k in self.grid_experts if isinstance(k, bool) or int(k) < 1]
             if bad:
                 raise ValueError(f"expert counts must be positive integers, got {bad}")
-            unknown = [b for b in self.baselines if b not in _BASELINE_METHODS]
+            unknown = [b for b in self.baselines if b not in BASELINES]
             if unknown:
-                raise ValueError(
-                    f"unknown baseline(s) {unknown}; valid: {', '.join(_BASELINE_METHODS)}"
-                )
+                raise ValueError(f"unknown baseline(s) {unknown}; valid: {', '.join(BASELINES)}")
         self.validate_eval()
 
 
@@ -233,7 +197,7 @@ class ExpandRunConfig(EvalSettings):
 class _Models:
     """Hands out dense models: the current one while unmodified, else a fresh load."""
 
-    def __init__(self, cfg: ExpandRunConfig) -> None:
+    def __init__(self, cfg: ExpandConfig) -> None:
         self.cfg = cfg
         self.model = None
         self.dirty = False
@@ -242,7 +206,7 @@ class _Models:
         if self.model is None or self.dirty:
             self.model = None
             gc.collect()
-            self.model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+            self.model = self.cfg.load()
         self.dirty = True
         return self.model
 
@@ -264,7 +228,7 @@ def _row(
         "sparsity": sparsity,
         "prunen": prunen,
         "prunem": prunem,
-        "pattern": sparsity_label(sparsity, prunen, prunem) if method != "dense" else "dense",
+        "pattern": _pattern(method, sparsity, prunen, prunem),
         "flops_per_token": cost["flops_per_token"],
         "params": cost["params"],
         "nbytes": cost["nbytes"],
@@ -272,7 +236,7 @@ def _row(
     }
 
 
-def _evaluate(model, eval_windows, cfg: ExpandRunConfig, progress: bool) -> dict[str, Any]:
+def _evaluate(model, eval_windows, cfg: ExpandConfig, progress: bool) -> dict[str, Any]:
     res = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
     return {
         "perplexity": res.perplexity,
@@ -281,19 +245,11 @@ def _evaluate(model, eval_windows, cfg: ExpandRunConfig, progress: bool) -> dict
     }
 
 
-def _magnitude_prune(model, spec: PruneSpec) -> pd.DataFrame:
-    """Magnitude-prune every MLP weight in place (no calibration, no forward pass)."""
-    adapter, hf = model.adapter, model.hf_model
-    records = []
-    for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            w = adapter.weight(hf, layer, role)
-            res = make_pruner("magnitude", w.shape[1], device=w.device).prune(w, spec)
-            w.copy_(res.weight)
-            records.append(
-                {"layer": layer, "role": role, "sparsity": res.sparsity, "seconds": res.time_s}
-            )
-    return pd.DataFrame(records)
+def _pattern(method: str, sparsity: float, prunen: int, prunem: int) -> str:
+    """The ``pattern`` column: ``"dense"``, ``"2:4"`` or ``"0.5"``."""
+    if method == "dense":
+        return "dense"
+    return PruneSpec.from_settings(sparsity, prunen, prunem).label
 
 
 def _cell(
@@ -303,7 +259,7 @@ def _cell(
     pattern: str,
     cal_windows,
     eval_windows,
-    cfg: ExpandRunConfig,
+    cfg: ExpandConfig,
     progress: bool,
     keep: bool = False,
 ) -> tuple[dict[str, Any], pd.DataFrame, ExpansionConfig | None]:
@@ -316,20 +272,17 @@ def _cell(
         exp_cfg = cfg.expansion_config(experts, sparsity, n, m)
         layers = build_sparse_expansion(model, cal_windows, exp_cfg, progress=progress)
     else:
-        spec = PruneSpec(sparsity=0.0 if m else sparsity, prunen=n, prunem=m)
-        if method == "magnitude":
-            layers = _magnitude_prune(model, spec)
-        else:
-            with _sdpa_forward(model):
-                layers = sequential_prune(
-                    model,
-                    cal_windows,
-                    method,
-                    spec,
-                    within_layer_sequential=cfg.within_layer_sequential,
-                    batch_size=cfg.batch_size,
-                    progress=progress,
-                )
+        spec = PruneSpec.from_settings(sparsity, n, m)
+        with native_sdpa(model.hf_model):
+            layers = sequential_prune(
+                model,
+                cal_windows,
+                method,
+                spec,
+                within_layer_sequential=cfg.within_layer_sequential,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
     build_s = time.perf_counter() - t0
     row = _row(model, method, experts, sparsity, n, m, build_seconds=build_s)
     row.update(_evaluate(model, eval_windows, cfg, progress))
@@ -339,11 +292,8 @@ def _cell(
     return row, layers, exp_cfg
 
 
-def _windows(model, cfg: ExpandRunConfig):
-    eval_w = eval_windows_for(model, cfg)
-    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    cal_w = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    return cal_w, eval_w
+def _windows(model, cfg: ExpandConfig):
+    return cfg.calibration_windows(model), eval_windows_for(model, cfg)
 
 
 def save_grid_figure(table: pd.DataFrame, out: str | Path, model: str) -> Path:
@@ -360,7 +310,7 @@ def save_grid_figure(table: pd.DataFrame, out: str | Path, model: str) -> Path:
     return plotting.save_figure(fig, Path(out) / "grid.png")
 
 
-def _finish_table(rows: list[dict[str, Any]], cfg: ExpandRunConfig) -> pd.DataFrame:
+def _finish_table(rows: list[dict[str, Any]], cfg: ExpandConfig) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     dense = df[df["method"] == "dense"]
     if len(dense):
@@ -383,7 +333,7 @@ def _finish_table(rows: list[dict[str, Any]], cfg: ExpandRunConfig) -> pd.DataFr
 # --------------------------------------------------------------------------------------------
 
 
-def run_expand(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
+def run_expand(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     """One setting: the dense model, SparseGPT (k = 1) and SE with ``cfg.experts`` experts.
 
     Writes ``results.csv`` (columns :data:`RESULT_COLUMNS`, one row per model: ``dense``,
@@ -408,7 +358,7 @@ def run_expand(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
     rows = [_row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)]
     rows[0].update(_evaluate(model, eval_w, cfg, progress))
     del model  # the cells reuse / free it through `models`
-    pattern = sparsity_label(cfg.target_sparsity, cfg.prunen, cfg.prunem)
+    pattern = cfg.spec().label
     tables = []
     cells = [("sparse_expansion", cfg.experts)] if cfg.experts > 1 else []
     cells.append(("sparsegpt", 1))
@@ -442,7 +392,7 @@ def run_expand(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
     return table
 
 
-def run_grid(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
+def run_grid(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     """The evaluation grid: sparsities x (baselines, SparseGPT and SE with each k).
 
     One row per (method, experts, sparsity pattern) plus the dense reference: ``magnitude``
@@ -490,7 +440,7 @@ def run_grid(cfg: ExpandRunConfig, progress: bool = True) -> pd.DataFrame:
         tables.append(pd.read_csv(layers_path))
     cells = []
     for pattern in cfg.grid_sparsities:
-        label = sparsity_label(*parse_sparsity(pattern))
+        label = PruneSpec.from_pattern(pattern).label
         cells += [(b, 1, label) for b in cfg.baselines]
         for k in cfg.grid_experts:
             cells.append(("sparsegpt" if int(k) == 1 else "sparse_expansion", int(k), label))

@@ -14,47 +14,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from .data import calibration_windows, evaluation_windows, load_tokens
-from .evaluate import perplexity
-from .models import DEFAULT_MODEL, load_model
-from .pruning import PruneSpec, sequential_prune
-from .runs import prepare_run_dir, save_table, write_run_config
-
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-
-
-@dataclass
-class EvalSettings:
-    """Which model and evaluation windows (shared by every workflow that measures perplexity)."""
-
-    model: str = DEFAULT_MODEL
-    dataset: str = "embedded"
-    seqlen: int = 512
-    eval_tokens: int = 32768
-    batch_size: int = 8
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def validate_eval(self) -> None:
-        if self.eval_tokens < self.seqlen:
-            raise ValueError(
-                f"--eval-tokens ({self.eval_tokens}) must be at least one window "
-                f"of --seqlen ({self.seqlen})"
-            )
-
-
-def eval_windows_for(model, settings: EvalSettings) -> torch.Tensor:
-    """Non-overlapping evaluation windows ``[eval_tokens // seqlen, seqlen]``."""
-    tokens = load_tokens(model.tokenizer, settings.dataset, "evaluation")
-    return evaluation_windows(tokens, settings.seqlen, max_tokens=settings.eval_tokens)
+from ..evaluate import perplexity
+from ..pruning import check_method, sequential_prune
+from ..runs import prepare_run_dir, save_table, write_run_config
+from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
 
 
 def run_eval(settings: EvalSettings, model=None, progress: bool = True) -> dict:
     """Perplexity of ``settings.model`` on its evaluation windows (nothing written)."""
     settings.validate_eval()
-    model = model or load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    model = settings.load(model)
     windows = eval_windows_for(model, settings)
     res = perplexity(model, windows, batch_size=settings.batch_size, progress=progress)
     return {
@@ -69,45 +39,21 @@ def run_eval(settings: EvalSettings, model=None, progress: bool = True) -> dict:
 
 
 @dataclass
-class PruneConfig(EvalSettings):
+class PruneConfig(SparsitySettings, CalibrationSettings, EvalSettings):
+    """Knobs of a ``prune`` run (CLI flags of the same names)."""
+
     out: str = "runs/prune"
     method: str = "sparsegpt"
-    sparsity: float = 0.5
-    prunen: int = 0
-    prunem: int = 0
-    wbits: int = 16
-    nsamples: int = 128
-    seed: int = 0
     targets: str = "mlp"
     save: str | None = None
     overwrite: bool = False
 
-    def spec(self) -> PruneSpec:
-        """The pruning spec (n:m, when given, overrides ``sparsity``)."""
-        sparsity = 0.0 if self.prunem else self.sparsity
-        return PruneSpec(
-            sparsity=sparsity, prunen=self.prunen, prunem=self.prunem, wbits=self.wbits
-        )
-
-    @property
-    def target_sparsity(self) -> float:
-        return self.prunen / self.prunem if self.prunem else self.sparsity
-
     def validate(self) -> None:
-        if self.method not in PRUNE_METHODS:
-            raise ValueError(
-                f"unknown pruning method {self.method!r}; valid: {', '.join(PRUNE_METHODS)}"
-            )
-        if (self.prunen == 0) != (self.prunem == 0):
-            raise ValueError(
-                f"malformed n:m sparsity {self.prunen}:{self.prunem}: "
-                "give both --prunen and --prunem"
-            )
+        self.method = check_method(self.method)
         self.spec()  # sparsity range, n:m shape, wbits
         if self.wbits < 16 and self.method != "sparsegpt":
             raise ValueError("--wbits quantization is only supported with --method sparsegpt")
-        if self.nsamples < 1:
-            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        self.validate_calibration()
         if self.targets not in ("mlp", "all"):
             raise ValueError(f"unknown targets {self.targets!r}; valid: mlp, all")
         self.validate_eval()
@@ -119,10 +65,9 @@ def run_prune(cfg: PruneConfig, model=None, progress: bool = True) -> dict:
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     if cfg.save and Path(cfg.save).exists() and any(Path(cfg.save).iterdir()):
         raise FileExistsError(f"--save folder {cfg.save} is not empty")
-    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = cfg.load(model)
     eval_windows = eval_windows_for(model, cfg)
-    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+    cal_windows = cfg.calibration_windows(model)
 
     before = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
     t0 = time.perf_counter()
@@ -182,13 +127,3 @@ def save_pruned(model, path: str | Path) -> Path:
     clean.save_pretrained(path)
     model.tokenizer.save_pretrained(path)
     return path
-
-
-__all__ = [
-    "EvalSettings",
-    "PruneConfig",
-    "run_eval",
-    "run_prune",
-    "save_pruned",
-    "eval_windows_for",
-]

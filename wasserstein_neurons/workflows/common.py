@@ -1,0 +1,102 @@
+"""What every workflow shares: model and evaluation settings, calibration windows, sparsity flags.
+
+A workflow config (``PruneConfig``, ``AblateConfig``, ``ExpandConfig`` ...) is a dataclass that
+inherits the settings groups it needs from here, so each flag is defined, defaulted and
+validated in one place:
+
+* :class:`EvalSettings` — which model, corpus and evaluation windows
+  (``--model --dataset --seqlen --eval-tokens --batch-size --device --dtype``);
+* :class:`CalibrationSettings` — the calibration windows (``--nsamples --seed``; the SparseGPT
+  protocol: ``nsamples`` random windows of ``seqlen`` tokens, seeded);
+* :class:`SparsitySettings` — the target (``--sparsity --prunen --prunem --wbits``), turned
+  into a :class:`~wasserstein_neurons.pruning.PruneSpec` by
+  :meth:`~wasserstein_neurons.pruning.PruneSpec.from_settings` (n:m overrides sparsity).
+
+Run folders (``config.json``, tables) are handled by :mod:`wasserstein_neurons.runs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import calibration_windows, evaluation_windows, load_tokens
+from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..pruning import PruneSpec
+
+__all__ = [
+    "CalibrationSettings",
+    "EvalSettings",
+    "SparsitySettings",
+    "eval_windows_for",
+]
+
+
+@dataclass
+class EvalSettings:
+    """Which model and evaluation windows (shared by every workflow that measures perplexity)."""
+
+    model: str = DEFAULT_MODEL
+    dataset: str = "embedded"
+    seqlen: int = 512
+    eval_tokens: int = 32768
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate_eval(self) -> None:
+        if self.eval_tokens < self.seqlen:
+            raise ValueError(
+                f"--eval-tokens ({self.eval_tokens}) must be at least one window "
+                f"of --seqlen ({self.seqlen})"
+            )
+
+    def load(self, model: LoadedModel | None = None) -> LoadedModel:
+        """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
+        settings' model, device and dtype."""
+        return model or load_model(self.model, device=self.device, dtype=self.dtype)
+
+
+def eval_windows_for(model, settings: EvalSettings) -> torch.Tensor:
+    """Non-overlapping evaluation windows ``[eval_tokens // seqlen, seqlen]``."""
+    tokens = load_tokens(model.tokenizer, settings.dataset, "evaluation")
+    return evaluation_windows(tokens, settings.seqlen, max_tokens=settings.eval_tokens)
+
+
+@dataclass
+class CalibrationSettings:
+    """``nsamples`` random calibration windows of ``seqlen`` tokens, drawn with ``seed``."""
+
+    nsamples: int = 128
+    seed: int = 0
+
+    def validate_calibration(self) -> None:
+        if self.nsamples < 1:
+            raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+
+    def calibration_windows(self, model) -> torch.Tensor:
+        """LongTensor ``[nsamples, seqlen]`` from the calibration split of ``self.dataset``."""
+        tokens = load_tokens(model.tokenizer, self.dataset, "calibration")
+        return calibration_windows(tokens, self.nsamples, self.seqlen, seed=self.seed)
+
+
+@dataclass
+class SparsitySettings:
+    """The sparsity target flags; :meth:`spec` is the one place they become a spec."""
+
+    sparsity: float = 0.5
+    prunen: int = 0
+    prunem: int = 0
+    wbits: int = 16
+
+    def spec(self, **kwargs) -> PruneSpec:
+        """The pruning spec (n:m, when given, overrides ``sparsity``); validates the flags."""
+        return PruneSpec.from_settings(
+            self.sparsity, self.prunen, self.prunem, wbits=self.wbits, **kwargs
+        )
+
+    @property
+    def target_sparsity(self) -> float:
+        """``prunen / prunem`` with n:m, else ``sparsity``."""
+        return self.spec().target_sparsity
