@@ -172,6 +172,15 @@ def _prepare_dir(store_dir: Path, overwrite: bool) -> None:
     store_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _check_capture_args(windows: torch.Tensor, batch_size: int, dtype: str) -> None:
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"unknown store dtype {dtype!r}; valid: {', '.join(STORE_DTYPES)}")
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be [n_windows, seqlen], got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 @torch.no_grad()
 def capture_activations(
     model,
@@ -205,14 +214,8 @@ def capture_activations(
     -------
     ActivationStore
     """
-    if dtype not in STORE_DTYPES:
-        raise ValueError(f"unknown store dtype {dtype!r}; valid: {', '.join(STORE_DTYPES)}")
-    if windows.ndim != 2:
-        raise ValueError(f"windows must be [n_windows, seqlen], got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    bridge = model.bridge
-    names = resolve_hook_names(bridge, hooks)
+    _check_capture_args(windows, batch_size, dtype)
+    names = resolve_hook_names(model.bridge, hooks)
     store_dir = Path(store_dir)
     _prepare_dir(store_dir, overwrite)
 
@@ -255,18 +258,7 @@ def capture_activations(
     missing = [n for n in names if n not in writers]
     if missing:
         raise RuntimeError(f"hooks never fired: {missing}")
-    meta = {
-        "finished": True,
-        "model": getattr(model, "name", None),
-        "hooks": {n: {"shape": [n_tokens, widths[n]], "layer": hook_layer(n)} for n in names},
-        "n_tokens": n_tokens,
-        "n_windows": n_windows,
-        "seqlen": seqlen,
-        "dtype": dtype,
-    }
-    tmp = store_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(store_dir / "meta.json")
+    meta = _write_meta(store_dir, model, names, widths, windows.shape, dtype)
     return ActivationStore(path=store_dir, meta=meta)
 
 
@@ -312,6 +304,25 @@ def run_hooked(
         model.bridge.run_with_hooks(
             batch, fwd_hooks=list(fwd_hooks), return_type=None, stop_at_layer=stop
         )
+
+
+def _write_meta(store_dir: Path, model, names, widths, shape, dtype: str) -> dict:
+    """Write ``meta.json`` atomically (last: its ``finished`` flag marks a complete store)."""
+    n_windows, seqlen = shape
+    n_tokens = n_windows * seqlen
+    meta = {
+        "finished": True,
+        "model": getattr(model, "name", None),
+        "hooks": {n: {"shape": [n_tokens, widths[n]], "layer": hook_layer(n)} for n in names},
+        "n_tokens": n_tokens,
+        "n_windows": n_windows,
+        "seqlen": seqlen,
+        "dtype": dtype,
+    }
+    tmp = store_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(store_dir / "meta.json")
+    return meta
 
 
 def remove_store(store_dir: str | Path) -> None:

@@ -159,6 +159,22 @@ def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str
     return torch.cat(per_token).reshape(b, n)
 
 
+def _sdpa_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> bool:
+    """Whether the native sdpa path may be used: it must agree with the bridged forward on
+    ``probe`` (warns and returns False when it does not)."""
+    ok, diff = _probe_agrees(hf, probe, nll_chunk)
+    if not ok:
+        warnings.warn(
+            "perplexity: the native HF modules (sdpa) disagree with the bridged model "
+            f"(max per-token NLL difference {diff:.3g}); hooks that edit activations or "
+            "weights held only by the bridge (GPT-NeoX split QKV)? Using the bridged "
+            "eager forward instead.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok
+
+
 def _probe_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> tuple[bool, float]:
     """Compare per-token NLLs of the bridged and native sdpa paths on ``probe``."""
     ref = window_nll(hf, probe, nll_chunk, reduction="none")
@@ -229,18 +245,7 @@ def perplexity(
     try:
         backend = "bridge" if bridged else "eager"
         if sdpa and bridged and verify:
-            probe = windows[:1, :_PROBE_TOKENS].to(device)
-            ok, diff = _probe_agrees(hf, probe, nll_chunk)
-            if not ok:
-                warnings.warn(
-                    "perplexity: the native HF modules (sdpa) disagree with the bridged model "
-                    f"(max per-token NLL difference {diff:.3g}); hooks that edit activations or "
-                    "weights held only by the bridge (GPT-NeoX split QKV)? Using the bridged "
-                    "eager forward instead.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                sdpa = False
+            sdpa = _sdpa_agrees(hf, windows[:1, :_PROBE_TOKENS].to(device), nll_chunk)
         total = 0.0
         with native_sdpa(hf) if sdpa else nullcontext():
             backend = "sdpa" if sdpa else backend

@@ -376,43 +376,65 @@ def _standardized_pass(
         np.subtract(xs[r0:r1], mean, out=z)
         np.multiply(z, inv_std, out=z)
         if higher:
-            t = tmp[: r1 - r0]
-            np.multiply(z, z, out=t)
-            m2 += _colsum(t)
-            np.multiply(t, t, out=t)
-            m4 += _colsum(t)
-            np.multiply(z, z, out=t)
-            np.multiply(t, z, out=t)
-            m3 += _colsum(t)
+            _add_moments(z, tmp[: r1 - r0], m2, m3, m4)
         np.subtract(z, ref[r0:r1, None], out=z)
         np.abs(z, out=z)  # z now holds d = |z - ref|
         l1 += _colsum(z)
         if pieces is None:
             continue
-        # Candidates: |z - mu_i| < reach_i is necessary for a_i < z < b_i; the exact formula
-        # is correct for every element, so a superset of the crossing elements is fine.
-        mk = mask[: r1 - r0]
-        np.less(z, pieces.reach[r0:r1, None], out=mk)
-        if not mk.any():
-            continue
-        ii, jj = np.divmod(np.flatnonzero(mk), c)  # (2-D np.nonzero is ~10x slower)
-        d = z[ii, jj]
-        zi = (xs[r0 + ii, jj] - mean[jj]) * inv_std[jj]
-        gi = r0 + ii
-        ci = np.clip(zi, pieces.a[gi], pieces.b[gi])
-        exact = (
-            2.0 * (zi * ndtr(ci) + _phi(ci))
-            - zi * pieces.mid_weight[gi]
-            - pieces.phi_a[gi]
-            - pieces.phi_b[gi]
-        )
-        corr += np.bincount(jj, weights=exact - d / n, minlength=c)
+        corr += _crossing_correction(z, xs, r0, mean, inv_std, pieces, mask[: r1 - r0])
     out = {"l1": l1 / n + corr}
     if higher:
         out.update(m2=m2 / n, m3=m3 / n, m4=m4 / n)
     for v in out.values():
         v[constant] = np.nan
     return out
+
+
+def _add_moments(z: np.ndarray, t: np.ndarray, m2, m3, m4) -> None:
+    """Add the column sums of ``z**2``, ``z**3``, ``z**4`` (block ``[rows, c]``) to
+    ``m2, m3, m4`` in place; ``t`` is scratch of ``z``'s shape."""
+    np.multiply(z, z, out=t)
+    m2 += _colsum(t)
+    np.multiply(t, t, out=t)
+    m4 += _colsum(t)
+    np.multiply(z, z, out=t)
+    np.multiply(t, z, out=t)
+    m3 += _colsum(t)
+
+
+def _crossing_correction(
+    d: np.ndarray,
+    xs: np.ndarray,
+    r0: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    pieces: GaussianQuantilePieces,
+    mk: np.ndarray,
+) -> np.ndarray:
+    r"""Per-column correction ``[c]`` from ``|z_(i) - \mu_i| / n`` to the exact W1 term, for the
+    elements of the row block ``d = |z - ref|`` (rows ``r0 ..``) that may cross their piece.
+
+    Candidates: ``|z - mu_i| < reach_i`` is necessary for ``a_i < z < b_i``; the exact formula
+    is correct for every element, so a superset of the crossing elements is fine.  ``mk`` is
+    scratch of ``d``'s shape.
+    """
+    n, c = xs.shape
+    np.less(d, pieces.reach[r0 : r0 + d.shape[0], None], out=mk)
+    if not mk.any():
+        return np.zeros(c)
+    ii, jj = np.divmod(np.flatnonzero(mk), c)  # (2-D np.nonzero is ~10x slower)
+    di = d[ii, jj]
+    zi = (xs[r0 + ii, jj] - mean[jj]) * inv_std[jj]
+    gi = r0 + ii
+    ci = np.clip(zi, pieces.a[gi], pieces.b[gi])
+    exact = (
+        2.0 * (zi * ndtr(ci) + _phi(ci))
+        - zi * pieces.mid_weight[gi]
+        - pieces.phi_a[gi]
+        - pieces.phi_b[gi]
+    )
+    return np.bincount(jj, weights=exact - di / n, minlength=c)
 
 
 def _sorted_groups(blk: np.ndarray) -> Iterator[np.ndarray]:

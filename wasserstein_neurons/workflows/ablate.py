@@ -52,31 +52,39 @@ def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
     return pd.read_csv(Path(folder) / "neurons.csv")
 
 
+def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.DataFrame, str]:
+    """The neuron table to select from: ``cfg.ranking``'s, or a new ``rank`` run in
+    ``out/ranking`` with the same model, corpus, seqlen and seed."""
+    if cfg.ranking:
+        return load_ranking(cfg.ranking, model.name), cfg.ranking
+    ranking_dir = str(out / "ranking")
+    rank_cfg = RankConfig(
+        out=ranking_dir,
+        model=cfg.model,
+        dataset=cfg.dataset,
+        tokens=cfg.rank_tokens,
+        seqlen=cfg.seqlen,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        keep_activations=False,
+        overwrite=True,
+    )
+    return run_rank(rank_cfg, model=model, progress=progress).table, ranking_dir
+
+
 def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataFrame:
+    """Rank (or reuse a ranking), calibrate once, run the study, write the run folder.
+
+    Returns the ``ablation.csv`` table (first row: the dense model).
+    """
     cfg.validate()
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     model = cfg.load(model)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if cfg.ranking:
-        table = load_ranking(cfg.ranking, model.name)
-        ranking_dir = cfg.ranking
-    else:
-        ranking_dir = str(out / "ranking")
-        rank_cfg = RankConfig(
-            out=ranking_dir,
-            model=cfg.model,
-            dataset=cfg.dataset,
-            tokens=cfg.rank_tokens,
-            seqlen=cfg.seqlen,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            keep_activations=False,
-            overwrite=True,
-        )
-        table = run_rank(rank_cfg, model=model, progress=progress).table
+    table, ranking_dir = _ranking(cfg, model, out, progress)
     seconds["ranking"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

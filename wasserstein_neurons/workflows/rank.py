@@ -75,8 +75,7 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if model is None:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -95,18 +94,57 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     seconds["capture"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    table, top = _rank_table(store, cfg, progress)
+    seconds["rank"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    contexts = _report(out, store, model.tokenizer, table, top, cfg)
+    seconds["report"] = time.perf_counter() - t0
+
+    if not cfg.keep_activations:
+        remove_store(out / "activations")
+        store = None
+    model_info = {
+        "name": model.name,
+        "family": model.adapter.family,
+        "n_layers": model.adapter.n_layers,
+        "d_mlp": model.adapter.d_mlp,
+    }
+    write_run_config(
+        out,
+        {
+            "command": "rank",
+            "config": asdict(cfg),
+            "model": model_info,
+            "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
+            "n_tokens": int(windows.numel()),
+            "hooks": table["hook"].unique().tolist(),
+            "seconds": seconds,
+        },
+    )
+    return RankResult(
+        out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
+    )
+
+
+def _rank_table(
+    store: ActivationStore, cfg: RankConfig, progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-neuron table (with ``is_top``) and its top-p% rows per hook."""
     table = rank_store(store, method=cfg.method, progress=progress)
     top = top_neurons(table, cfg.top_percent)
     key = ["hook", "neuron"]
     table["is_top"] = pd.MultiIndex.from_frame(table[key]).isin(pd.MultiIndex.from_frame(top[key]))
-    seconds["rank"] = time.perf_counter() - t0
+    return table, top
 
-    t0 = time.perf_counter()
+
+def _report(out: Path, store, tokenizer, table, top, cfg: RankConfig) -> pd.DataFrame:
+    """Write the tables, the top contexts and the plots; returns the contexts table."""
     contexts = pd.concat(
         [
             top_activating_contexts(
                 store,
-                model.tokenizer,
+                tokenizer,
                 hook,
                 group.nlargest(cfg.contexts_per_hook, "wd")["neuron"].to_numpy(),
             )
@@ -118,31 +156,7 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     save_table(top, out, "top_neurons")
     contexts.to_csv(out / "top_contexts.csv", index=False)
     _save_plots(out, store, table, cfg.top_percent)
-    seconds["report"] = time.perf_counter() - t0
-
-    if not cfg.keep_activations:
-        remove_store(out / "activations")
-        store = None
-    write_run_config(
-        out,
-        {
-            "command": "rank",
-            "config": asdict(cfg),
-            "model": {
-                "name": model.name,
-                "family": model.adapter.family,
-                "n_layers": model.adapter.n_layers,
-                "d_mlp": model.adapter.d_mlp,
-            },
-            "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
-            "n_tokens": int(windows.numel()),
-            "hooks": table["hook"].unique().tolist(),
-            "seconds": seconds,
-        },
-    )
-    return RankResult(
-        out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
-    )
+    return contexts
 
 
 def _plot_layers(hooks: list[str]) -> list[str]:
