@@ -8,7 +8,6 @@ results untouched.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -54,15 +53,11 @@ def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str | N
 
 
 def _config(cls, args: argparse.Namespace, **overrides):
-    """The workflow config ``cls`` with every field that has a flag of the same name set from
-    ``args`` (``--batch-size`` -> ``batch_size``), then ``overrides``; flags left at ``None``
-    keep the config's default."""
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(cls)
-        if getattr(args, f.name, None) is not None
-    }
-    return cls(**{**values, **overrides})
+    """The workflow config ``cls`` from the flags of the same names (``--batch-size`` ->
+    ``batch_size``); flags left at ``None`` keep the config's default."""
+    from .workflows.common import config_from
+
+    return config_from(cls, args, **overrides)
 
 
 def _print_table(df: pd.DataFrame, fmt: str = ".3f", width: int = 120) -> None:

@@ -495,6 +495,15 @@ class Pruner(ABC):
     def _per_row(self, spec: PruneSpec) -> bool:
         return self.default_per_row if spec.per_row is None else bool(spec.per_row)
 
+    def _score_mask(self, scores: Tensor, spec: PruneSpec) -> Tensor:
+        """Mask ``[r, in]`` of the weights to zero: the lowest ``scores`` in every n:m group, in
+        every row (per-row rule) or over the whole matrix (per-matrix rule)."""
+        if spec.is_nm:
+            return nm_mask(scores, spec.prunen, spec.prunem)
+        if self._per_row(spec):
+            return lowest_k_mask_per_row(scores, n_to_prune(spec.sparsity, scores.shape[1]))
+        return lowest_k_mask(scores, n_to_prune(spec.sparsity, scores.numel()))
+
     @abstractmethod
     def _prune_rows(self, w: Tensor, spec: PruneSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Prune every row of ``w: [r, in]``.

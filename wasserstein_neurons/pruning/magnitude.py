@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Pruner, PruneSpec, lowest_k_mask, lowest_k_mask_per_row, n_to_prune, nm_mask
+from .base import Pruner, PruneSpec
 
 __all__ = ["MagnitudePruner"]
 
@@ -37,10 +37,5 @@ class MagnitudePruner(Pruner):
     def _prune_rows(self, w: Tensor, spec: PruneSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
         # w: [r, in]
         scores = w.abs().to(torch.float32 if w.element_size() < 4 else w.dtype)
-        if spec.is_nm:
-            mask = nm_mask(scores, spec.prunen, spec.prunem)
-        elif self._per_row(spec):
-            mask = lowest_k_mask_per_row(scores, n_to_prune(spec.sparsity, w.shape[1]))
-        else:
-            mask = lowest_k_mask(scores, n_to_prune(spec.sparsity, w.numel()))
+        mask = self._score_mask(scores, spec)
         return w.masked_fill(mask, 0), mask, {}

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Pruner, PruneSpec, lowest_k_mask, lowest_k_mask_per_row, n_to_prune, nm_mask
+from .base import Pruner, PruneSpec
 
 __all__ = ["WandaPruner"]
 
@@ -78,10 +78,5 @@ class WandaPruner(Pruner):
 
     def _prune_rows(self, w: Tensor, spec: PruneSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
         scores = self.scores(w)
-        if spec.is_nm:
-            mask = nm_mask(scores, spec.prunen, spec.prunem)
-        elif self._per_row(spec):
-            mask = lowest_k_mask_per_row(scores, n_to_prune(spec.sparsity, w.shape[1]))
-        else:
-            mask = lowest_k_mask(scores, n_to_prune(spec.sparsity, w.numel()))
+        mask = self._score_mask(scores, spec)
         return w.masked_fill(mask, 0), mask, {"nsamples": self.nsamples}

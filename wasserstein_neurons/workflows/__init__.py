@@ -22,7 +22,14 @@ Shared settings (model, evaluation and calibration windows, sparsity flags) live
 """
 
 from .ablate import AblateConfig, load_ranking, run_ablate
-from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
+from .common import (
+    CalibrationSettings,
+    EvalSettings,
+    ModelSettings,
+    SparsitySettings,
+    config_from,
+    eval_windows_for,
+)
 from .expand import ExpandConfig, run_expand, run_grid
 from .prune import PruneConfig, run_eval, run_prune, save_pruned
 from .rank import RankConfig, RankResult, run_rank
@@ -32,10 +39,12 @@ __all__ = [
     "CalibrationSettings",
     "EvalSettings",
     "ExpandConfig",
+    "ModelSettings",
     "PruneConfig",
     "RankConfig",
     "RankResult",
     "SparsitySettings",
+    "config_from",
     "eval_windows_for",
     "load_ranking",
     "run_ablate",

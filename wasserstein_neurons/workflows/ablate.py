@@ -17,7 +17,7 @@ import pandas as pd
 from .. import plotting
 from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
 from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
-from .common import CalibrationSettings, EvalSettings, eval_windows_for
+from .common import CalibrationSettings, EvalSettings, config_from, eval_windows_for
 from .rank import RankConfig, run_rank
 
 
@@ -58,16 +58,11 @@ def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.Da
     if cfg.ranking:
         return load_ranking(cfg.ranking, model.name), cfg.ranking
     ranking_dir = str(out / "ranking")
-    rank_cfg = RankConfig(
+    rank_cfg = config_from(
+        RankConfig,
+        cfg,
         out=ranking_dir,
-        model=cfg.model,
-        dataset=cfg.dataset,
         tokens=cfg.rank_tokens,
-        seqlen=cfg.seqlen,
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        seed=cfg.seed,
         keep_activations=False,
         overwrite=True,
     )

@@ -4,8 +4,8 @@ A workflow config (``PruneConfig``, ``AblateConfig``, ``ExpandConfig`` ...) is a
 inherits the settings groups it needs from here, so each flag is defined, defaulted and
 validated in one place:
 
-* :class:`EvalSettings` — which model, corpus and evaluation windows
-  (``--model --dataset --seqlen --eval-tokens --batch-size --device --dtype``);
+* :class:`ModelSettings` — which model and corpus (``--model --dataset --seqlen --batch-size
+  --device --dtype``); :class:`EvalSettings` adds the evaluation windows (``--eval-tokens``);
 * :class:`CalibrationSettings` — the calibration windows (``--nsamples --seed``; the SparseGPT
   protocol: ``nsamples`` random windows of ``seqlen`` tokens, seeded);
 * :class:`SparsitySettings` — the target (``--sparsity --prunen --prunem --wbits``), turned
@@ -17,7 +17,9 @@ Run folders (``config.json``, tables) are handled by :mod:`wasserstein_neurons.r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,23 +29,36 @@ from ..pruning import PruneSpec
 
 __all__ = [
     "CalibrationSettings",
+    "config_from",
     "EvalSettings",
+    "ModelSettings",
     "SparsitySettings",
     "eval_windows_for",
 ]
 
 
 @dataclass
-class EvalSettings:
-    """Which model and evaluation windows (shared by every workflow that measures perplexity)."""
+class ModelSettings:
+    """Which model, on which device, reading which corpus in windows of ``seqlen`` tokens."""
 
     model: str = DEFAULT_MODEL
     dataset: str = "embedded"
     seqlen: int = 512
-    eval_tokens: int = 32768
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"
+
+    def load(self, model: LoadedModel | None = None) -> LoadedModel:
+        """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
+        settings' model, device and dtype."""
+        return model or load_model(self.model, device=self.device, dtype=self.dtype)
+
+
+@dataclass
+class EvalSettings(ModelSettings):
+    """Model settings plus the evaluation windows (every workflow that measures perplexity)."""
+
+    eval_tokens: int = 32768
 
     def validate_eval(self) -> None:
         if self.eval_tokens < self.seqlen:
@@ -51,11 +66,6 @@ class EvalSettings:
                 f"--eval-tokens ({self.eval_tokens}) must be at least one window "
                 f"of --seqlen ({self.seqlen})"
             )
-
-    def load(self, model: LoadedModel | None = None) -> LoadedModel:
-        """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
-        settings' model, device and dtype."""
-        return model or load_model(self.model, device=self.device, dtype=self.dtype)
 
 
 def eval_windows_for(model, settings: EvalSettings) -> torch.Tensor:
@@ -100,3 +110,19 @@ class SparsitySettings:
     def target_sparsity(self) -> float:
         """``prunen / prunem`` with n:m, else ``sparsity``."""
         return self.spec().target_sparsity
+
+
+def config_from(cls: type, source: Any, **overrides: Any):
+    """A ``cls`` dataclass whose fields are copied from the same-named attributes of
+    ``source`` (another config, or parsed CLI flags), then set from ``overrides``.
+
+    Attributes that ``source`` lacks or holds as ``None`` keep ``cls``'s default, so one
+    config hands its shared settings (model, dataset, seqlen, seed ...) to another without
+    listing them, and a flag left unset keeps the config's default.
+    """
+    values = {
+        f.name: getattr(source, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(source, f.name, None) is not None
+    }
+    return cls(**{**values, **overrides})

@@ -52,7 +52,13 @@ from ..expansion import (
 )
 from ..pruning import METHODS, PruneSpec, sequential_prune
 from ..runs import prepare_run_dir, save_table, write_run_config
-from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
+from .common import (
+    CalibrationSettings,
+    EvalSettings,
+    SparsitySettings,
+    config_from,
+    eval_windows_for,
+)
 
 __all__ = [
     "BASELINES",
@@ -153,20 +159,9 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     def expansion_config(
         self, experts: int, sparsity: float, prunen: int = 0, prunem: int = 0
     ) -> ExpansionConfig:
-        """The builder config of one cell."""
-        return ExpansionConfig(
-            n_experts=experts,
-            sparsity=sparsity,
-            prunen=prunen,
-            prunem=prunem,
-            wbits=self.wbits,
-            pca_factor=self.pca_factor,
-            kmeans_restarts=self.kmeans_restarts,
-            seed=self.seed,
-            min_cluster_tokens=self.min_cluster_tokens,
-            within_layer_sequential=self.within_layer_sequential,
-            batch_size=self.batch_size,
-        )
+        """The builder config of one cell (the routing and calibration settings are ours)."""
+        cell = dict(n_experts=experts, sparsity=sparsity, prunen=prunen, prunem=prunem)
+        return config_from(ExpansionConfig, self, **cell)
 
     def validate(self, grid: bool = False) -> None:
         """Raise ``ValueError`` with a one-line message for any invalid setting."""

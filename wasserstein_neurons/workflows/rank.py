@@ -24,27 +24,21 @@ import pandas as pd
 from .. import plotting
 from ..capture import ActivationStore, capture_activations, remove_store
 from ..data import load_tokens, sample_windows
-from ..models import DEFAULT_MODEL, load_model
 from ..ranking import check_percent, rank_store, top_activating_contexts, top_neurons
 from ..runs import prepare_run_dir, save_table, write_run_config
 from ..wasserstein import METHODS
+from .common import ModelSettings
 
 
 @dataclass
-class RankConfig:
+class RankConfig(ModelSettings):
     """Knobs of a ``rank`` run (CLI flags of the same names)."""
 
     out: str = "runs/rank"
-    model: str = DEFAULT_MODEL
-    dataset: str = "embedded"
     tokens: int = 32768
-    seqlen: int = 512
-    batch_size: int = 8
     hooks: str = "blocks.*.mlp.hook_pre"
     top_percent: float = 3.0
     method: str = "exact"
-    device: str = "cpu"
-    dtype: str = "float32"
     store_dtype: str = "float16"
     seed: int = 0
     contexts_per_hook: int = 3
@@ -75,7 +69,7 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = cfg.load(model)
     seconds["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
