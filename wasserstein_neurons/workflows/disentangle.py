@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 
 from ..data import calibration_windows, evaluation_windows, load_tokens
 from ..disentangle import (
@@ -46,6 +47,17 @@ from ..ranking import check_percent
 from ..runs import prepare_run_dir, save_table, write_run_config
 
 __all__ = ["DisentangleConfig", "run_disentangle", "save_disentangle_plots"]
+
+#: Settings passed unchanged from :class:`DisentangleConfig` to ``disentangle_linear``.
+_ANALYSIS_SETTINGS = (
+    "experts",
+    "pca_factor",
+    "kmeans_restarts",
+    "seed",
+    "top_percent",
+    "plot_neurons",
+    "mapping_pairs",
+)
 
 
 @dataclass
@@ -224,54 +236,20 @@ def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -
         ``cfg.out`` holds a finished run and ``cfg.overwrite`` is False.
     """
     cfg.validate()
-    spec = cfg.prune_spec()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if model is None:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     seconds["load"] = time.perf_counter() - t0
-    adapter = model.adapter
-    layer = check_layer(adapter, cfg.layer)
-    role = _resolve_role(adapter, cfg.role)
+    layer = check_layer(model.adapter, cfg.layer)
+    role = _resolve_role(model.adapter, cfg.role)
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
 
     t0 = time.perf_counter()
-    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
-    eval_windows = evaluation_windows(eval_tokens, cfg.seqlen, max_tokens=cfg.eval_tokens)
-    kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
-    x_cal = collect_linear_inputs(model, cal_windows, **kw)
-    x_eval = collect_linear_inputs(model, eval_windows, **kw)
+    x_cal, x_eval, corpus = _collect_inputs(cfg, model, layer, role, progress)
     seconds["collect"] = time.perf_counter() - t0
-
-    linear = adapter.linear(model.hf_model, layer, role)
-    weight = adapter.weight(model.hf_model, layer, role).detach()
-    bias = getattr(linear, "bias", None)
-    result = disentangle_linear(
-        x_cal,
-        x_eval,
-        weight,
-        None if bias is None else bias.detach(),
-        experts=cfg.experts,
-        spec=spec,
-        pca_factor=cfg.pca_factor,
-        kmeans_restarts=cfg.kmeans_restarts,
-        seed=cfg.seed,
-        top_percent=cfg.top_percent,
-        plot_neurons=cfg.plot_neurons,
-        mapping_pairs=cfg.mapping_pairs,
-        device=model.device,
-        progress=progress,
-    )
+    result = _analyse(cfg, model, layer, role, x_cal, x_eval, progress)
     del x_cal, x_eval
-    if role in adapter.neuron_roles:
-        hook = adapter.hook_name(layer, role)
-    else:  # the down projection's outputs have no MLP alias; name the linear's own hook
-        hook = f"blocks.{layer}.mlp.{adapter.spec(role).bridge_attr}.hook_out"
-    result.table.insert(0, "hook", hook)
-    result.table.insert(0, "layer", layer)
-    result.summary.update({"layer": layer, "role": role, "hook": hook})
     seconds.update(result.summary["seconds"])
     result.summary["seconds"] = seconds
 
@@ -283,30 +261,79 @@ def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -
     seconds["report"] = time.perf_counter() - t0
     summary = _jsonable(result.summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    config = asdict(cfg)
-    config["experts"] = _resolve_experts(cfg.experts)
-    write_run_config(
-        out,
-        {
-            "command": "disentangle",
-            "config": config,
-            "model": {
-                "name": model.name,
-                "family": adapter.family,
-                "n_layers": adapter.n_layers,
-                "d_model": adapter.d_model,
-                "d_mlp": adapter.d_mlp,
-            },
-            "corpus": {
-                "name": cfg.dataset,
-                "calibration_split_tokens": len(cal_tokens),
-                "evaluation_split_tokens": len(eval_tokens),
-            },
-            "summary": summary,
-        },
-    )
+    write_run_config(out, _run_record(cfg, model, corpus, summary))
     result.out = out
     return result
+
+
+def _collect_inputs(
+    cfg: DisentangleConfig, model, layer: int, role: str, progress: bool
+) -> tuple[Tensor, Tensor, dict]:
+    """Inputs of the studied linear from the dense model on calibration and held-out tokens.
+
+    Returns ``x_cal`` ``[nsamples * seqlen, d_in]`` (seeded random windows), ``x_eval``
+    ``[<= eval_tokens, d_in]`` (consecutive windows of the evaluation split) and the corpus
+    record of ``config.json``.
+    """
+    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
+    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
+    eval_windows = evaluation_windows(eval_tokens, cfg.seqlen, max_tokens=cfg.eval_tokens)
+    kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
+    x_cal = collect_linear_inputs(model, cal_windows, **kw)
+    x_eval = collect_linear_inputs(model, eval_windows, **kw)
+    corpus = {
+        "name": cfg.dataset,
+        "calibration_split_tokens": len(cal_tokens),
+        "evaluation_split_tokens": len(eval_tokens),
+    }
+    return x_cal, x_eval, corpus
+
+
+def _analyse(
+    cfg: DisentangleConfig, model, layer: int, role: str, x_cal: Tensor, x_eval: Tensor, progress
+) -> DisentangleResult:
+    """:func:`disentangle_linear` of the studied linear, its rows labelled with layer and hook."""
+    adapter = model.adapter
+    bias = getattr(adapter.linear(model.hf_model, layer, role), "bias", None)
+    result = disentangle_linear(
+        x_cal,
+        x_eval,
+        adapter.weight(model.hf_model, layer, role).detach(),
+        None if bias is None else bias.detach(),
+        spec=cfg.prune_spec(),
+        device=model.device,
+        progress=progress,
+        **{name: getattr(cfg, name) for name in _ANALYSIS_SETTINGS},
+    )
+    if role in adapter.neuron_roles:
+        hook = adapter.hook_name(layer, role)
+    else:  # the down projection's outputs have no MLP alias; name the linear's own hook
+        hook = f"blocks.{layer}.mlp.{adapter.spec(role).bridge_attr}.hook_out"
+    result.table.insert(0, "hook", hook)
+    result.table.insert(0, "layer", layer)
+    result.summary.update({"layer": layer, "role": role, "hook": hook})
+    return result
+
+
+def _run_record(cfg: DisentangleConfig, model, corpus: dict, summary: dict) -> dict:
+    """What ``config.json`` records: command, config, model, corpus and summary."""
+    config = asdict(cfg)
+    config["experts"] = _resolve_experts(cfg.experts)
+    adapter = model.adapter
+    return {
+        "command": "disentangle",
+        "config": config,
+        "model": {
+            "name": model.name,
+            "family": adapter.family,
+            "n_layers": adapter.n_layers,
+            "d_model": adapter.d_model,
+            "d_mlp": adapter.d_mlp,
+        },
+        "corpus": corpus,
+        "summary": summary,
+    }
 
 
 def _jsonable(obj):
