@@ -41,6 +41,7 @@ from ..disentangle import (
     collect_linear_inputs,
     disentangle_linear,
 )
+from ..expansion.builder import DEFAULT_KMEANS_RESTARTS
 from ..models import DEFAULT_MODEL, load_model
 from ..pruning import PruneSpec
 from ..ranking import check_percent
@@ -86,7 +87,8 @@ class DisentangleConfig:
     eval_tokens : int
         Held-out tokens (consecutive windows of the evaluation split).
     pca_factor, kmeans_restarts : int
-        Router settings (paper: 32 and 100).
+        Router settings (paper: 32 and 100). ``kmeans_restarts`` defaults to the Sparse
+        Expansion builder's :data:`~wasserstein_neurons.expansion.builder.DEFAULT_KMEANS_RESTARTS`.
     top_percent : float
         Wasserstein neurons = top ``top_percent``% by WD.
     plot_neurons : int
@@ -116,7 +118,7 @@ class DisentangleConfig:
     seqlen: int = 512
     eval_tokens: int = 32768
     pca_factor: int = 32
-    kmeans_restarts: int = 10
+    kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS
     top_percent: float = 3.0
     plot_neurons: int = 4
     mapping_pairs: int = 32768
