@@ -16,7 +16,6 @@ from conftest import TINY_TEXT, make_tiny_model
 from wasserstein_neurons.disentangle import (
     BASE_COLUMNS,
     PER_K_COLUMNS,
-    DisentangleConfig,
     NeuronOutputs,
     collect_linear_inputs,
     disentangle_linear,
@@ -26,11 +25,11 @@ from wasserstein_neurons.disentangle import (
     relative_error,
     relative_improvement,
     routed_outputs,
-    run_disentangle,
     weighted_expert_wd,
 )
 from wasserstein_neurons.pruning import PruneSpec
 from wasserstein_neurons.wasserstein import wasserstein_to_gaussian
+from wasserstein_neurons.workflows.disentangle import DisentangleConfig, run_disentangle
 
 # ------------------------------------------------------------------------------- formulas
 

@@ -45,26 +45,16 @@ sparse reconstruction.
   groups of the same sizes (small samples have a larger W1 to N(0, 1) by chance alone);
 * mapping difficulty (:func:`mapping_difficulty`): how far apart the neuron sends close inputs.
 
-Outputs of :func:`run_disentangle` (in ``cfg.out``)
----------------------------------------------------
-``neurons.csv`` (+ ``.parquet`` with pyarrow)   one row per neuron, see :data:`BASE_COLUMNS` and
-                                                :data:`PER_K_COLUMNS`
-``per_k.csv``                                   one row per number of experts: layer error,
-                                                medians, Spearman correlations
-``summary.json``                                the summary dict (also inside ``config.json``)
-``top_neuron_outputs.npz``                      dense / SparseGPT / SE outputs of the plotted
-                                                neurons on the held-out tokens, and the routing
-``*.png``                                       the figures (see :func:`save_disentangle_plots`)
-``config.json``                                 config, model, token counts, timings; written last
+The run-folder workflow (model loading, input collection, tables, figures) is
+:func:`wasserstein_neurons.workflows.disentangle.run_disentangle`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,19 +63,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import calibration_windows, evaluation_windows, load_tokens
 from .expansion import fit_router
-from .models import DEFAULT_MODEL, load_model
 from .pruning import PruneSpec, SparseGPTPruner
 from .ranking import check_percent, count_for_percent
-from .runs import prepare_run_dir, save_table, write_run_config
 from .wasserstein import neuron_statistics, wasserstein_between, wasserstein_to_gaussian
 
 __all__ = [
     "BASE_COLUMNS",
     "DEFAULT_EXPERTS",
     "PER_K_COLUMNS",
-    "DisentangleConfig",
     "DisentangleResult",
     "NeuronOutputs",
     "check_layer",
@@ -98,8 +84,6 @@ __all__ = [
     "relative_error",
     "relative_improvement",
     "routed_outputs",
-    "run_disentangle",
-    "save_disentangle_plots",
     "weighted_expert_wd",
 ]
 
@@ -135,6 +119,7 @@ PER_K_COLUMNS = (
 )
 
 _ROW_CHUNK = 8192  # tokens per matmul / error chunk
+_SPEC_FIELDS = ("sparsity", "prunen", "prunem", "wbits")  # of the PruneSpec, in the summary
 
 
 # ============================================================================================
@@ -607,12 +592,7 @@ class NeuronOutputs:
 
     def save(self, path: str | Path) -> Path:
         """Write everything to one ``.npz`` file (keys ``se_k{K}``, ``labels_k{K}``)."""
-        arrays = {
-            "neurons": self.neurons,
-            "wd": self.wd,
-            "dense": self.dense,
-            "sparsegpt": self.sparsegpt,
-        }
+        arrays = dict(neurons=self.neurons, wd=self.wd, dense=self.dense, sparsegpt=self.sparsegpt)
         arrays.update({f"se_k{k}": v for k, v in self.se.items()})
         arrays.update({f"labels_k{k}": v for k, v in self.labels.items()})
         np.savez_compressed(path, **arrays)
@@ -629,14 +609,15 @@ class NeuronOutputs:
 
 @dataclass
 class DisentangleResult:
-    """What :func:`disentangle_linear` / :func:`run_disentangle` return.
+    """What :func:`disentangle_linear` and
+    :func:`~wasserstein_neurons.workflows.disentangle.run_disentangle` return.
 
     Attributes
     ----------
     table : pd.DataFrame
         One row per neuron: :data:`BASE_COLUMNS` plus ``{name}_k{K}`` for every ``name`` in
         :data:`PER_K_COLUMNS` and every number of experts ``K`` (and ``layer, hook`` from
-        :func:`run_disentangle`).
+        ``run_disentangle``).
     per_k : pd.DataFrame
         One row per ``K``: ``layer_err`` (Frobenius relative error of the whole layer), medians
         of the per-neuron metrics over all neurons and over the top-WD neurons, Spearman
@@ -673,6 +654,15 @@ def _median(a) -> float:
     a = np.asarray(a, dtype=np.float64)
     a = a[np.isfinite(a)]
     return float(np.median(a)) if a.size else float("nan")
+
+
+def _medians(top: np.ndarray, **values: np.ndarray) -> dict[str, float]:
+    """``median_{name}_top`` and ``median_{name}_all`` (finite entries) of every ``name=values``."""
+    out = {}
+    for name, v in values.items():
+        out[f"median_{name}_top"] = _median(v[top])
+        out[f"median_{name}_all"] = _median(v)
+    return out
 
 
 def _frobenius_error(y_sparse: np.ndarray, y_dense: np.ndarray) -> float:
@@ -761,477 +751,244 @@ def disentangle_linear(
     except the columns of the plotted neurons.
     """
     t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
     ks = _resolve_experts(experts)
     spec = PruneSpec(sparsity=0.9) if spec is None else spec
     check_percent(top_percent)
-    if x_cal.ndim != 2 or x_eval.ndim != 2 or weight.ndim != 2:
-        raise ValueError("x_cal, x_eval must be [tokens, d_in] and weight [d_out, d_in]")
-    d_out, d_in = weight.shape
-    if x_cal.shape[1] != d_in or x_eval.shape[1] != d_in:
-        raise ValueError(
-            f"input widths {x_cal.shape[1]} / {x_eval.shape[1]} do not match the weight's "
-            f"d_in={d_in}"
-        )
-    if x_eval.shape[0] < 2:
-        raise ValueError("need at least 2 held-out tokens")
-    device = weight.device if device is None else torch.device(device)
-    x_cal = x_cal.detach().to(device="cpu", dtype=torch.float32)
-    x_eval = x_eval.detach().to(device="cpu", dtype=torch.float32)
-    w = weight.detach().to(device=device, dtype=torch.float32)
-    b = None if bias is None else bias.detach().to(device=device, dtype=torch.float32)
+    router_kw = dict(pca_factor=pca_factor, restarts=kmeans_restarts, seed=seed)
+    study = _Study(x_cal, x_eval, weight, bias, device, spec, seed, router_kw)
+    seconds: dict[str, float] = {}
 
-    # ---- dense outputs and their statistics ------------------------------------------------
     t0 = time.perf_counter()
-    y_dense = linear_outputs(x_eval, w, b, device=device)  # [M, d_out] float32
-    stats = neuron_statistics(y_dense)
-    wd = stats["wd"]
-    n_top = count_for_percent(d_out, top_percent)
-    order = np.argsort(np.where(np.isfinite(wd), -wd, np.inf), kind="stable")
-    wd_rank = np.empty(d_out, dtype=np.int64)
-    wd_rank[order] = np.arange(d_out)
-    is_top = wd_rank < n_top
-    is_top &= np.isfinite(wd)
-    plot_idx = order[: min(plot_neurons, d_out)]
-    plot_idx = plot_idx[np.isfinite(wd[plot_idx])]
-    table = pd.DataFrame(
-        {
-            "neuron": np.arange(d_out),
-            "wd": wd,
-            "mean": stats["mean"],
-            "variance": stats["std"] ** 2,
-            "std": stats["std"],
-            "skew": stats["skew"],
-            "kurtosis": stats["kurtosis"],
-            "constant": stats["constant"],
-            "wd_rank": wd_rank,
-            "is_top": is_top,
-        }
-    )
+    study.dense_step(top_percent, plot_neurons)
     seconds["dense"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    table["mapping_difficulty"] = mapping_difficulty(
-        x_eval.numpy(), y_dense, n_pairs=mapping_pairs, seed=seed
+    study.table["mapping_difficulty"] = mapping_difficulty(
+        study.x_eval.numpy(), study.y, n_pairs=mapping_pairs, seed=seed
     )
     seconds["mapping_difficulty"] = time.perf_counter() - t0
 
-    # ---- SparseGPT baseline (full calibration Hessian) -------------------------------------
     t0 = time.perf_counter()
-    full = SparseGPTPruner(d_in, device=device)
-    for i in range(0, x_cal.shape[0], _ROW_CHUNK):
-        full.add_batch(x_cal[i : i + _ROW_CHUNK])
-    w_sgpt = full.prune(w, spec).weight
-    y_sparse = linear_outputs(x_eval, w_sgpt, b, device=device)
-    err_sgpt = relative_error(y_sparse, y_dense)
-    w1_sgpt = wasserstein_between(y_dense, y_sparse).numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w1z_sgpt = np.where(stats["std"] > 0, w1_sgpt / stats["std"], np.nan)
-    table["err_sparsegpt"] = err_sgpt
-    table["w1_sparse_dense_sparsegpt"] = w1_sgpt
-    table["w1z_sparse_dense_sparsegpt"] = w1z_sgpt
-    layer_err_sgpt = _frobenius_error(y_sparse, y_dense)
-    outputs = NeuronOutputs(
-        neurons=plot_idx.astype(np.int64),
-        wd=wd[plot_idx],
-        dense=np.ascontiguousarray(y_dense[:, plot_idx]),
-        sparsegpt=np.ascontiguousarray(y_sparse[:, plot_idx]),
-    )
-    del y_sparse
+    study.sparsegpt_step()
     seconds["sparsegpt"] = time.perf_counter() - t0
 
-    # ---- Sparse Expansion, one number of experts at a time ---------------------------------
     per_k_rows = []
-    top = table["is_top"].to_numpy()
     for k in tqdm(ks, desc="experts", disable=not progress):
         t0 = time.perf_counter()
+        row = study.experts_step(k)
+        row["seconds"] = time.perf_counter() - t0
+        per_k_rows.append(row)
+        seconds[f"experts_{k}"] = row["seconds"]
+    per_k = pd.DataFrame(per_k_rows)
+
+    md_corr = _spearman(study.table["mapping_difficulty"].to_numpy(), study.wd)
+    seconds["total"] = time.perf_counter() - t_start
+    summary = study.summary(ks, top_percent, mapping_pairs, md_corr)
+    summary.update({"per_k": per_k.to_dict(orient="records"), "seconds": seconds})
+    return DisentangleResult(table=study.table, per_k=per_k, summary=summary, outputs=study.outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps of disentangle_linear
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sparse:
+    r"""How one sparse version reconstructs the dense outputs on the held-out tokens.
+
+    ``err`` (:func:`relative_error`), ``w1`` (:math:`W_1(\hat Y_{:,j}, Y_{:,j})`) and ``w1z``
+    (``w1`` over the dense std) are ``[d_out]``; ``layer_err`` is the Frobenius relative error
+    of the whole layer and ``plot`` ``[M, P]`` the sparse outputs of the plotted neurons.
+    """
+
+    err: np.ndarray
+    w1: np.ndarray
+    w1z: np.ndarray
+    layer_err: float
+    plot: np.ndarray
+
+
+class _Study:
+    """The state of one :func:`disentangle_linear` call; its methods are the analysis steps.
+
+    Attributes
+    ----------
+    x_cal, x_eval : Tensor, float32, CPU, shape ``[N, d_in]`` / ``[M, d_in]``
+    w : Tensor, float32, shape ``[d_out, d_in]``, on ``device``
+    b : Tensor, float32, shape ``[d_out]``, on ``device``, or None
+    y, std, wd : dense held-out outputs ``[M, d_out]`` and their per-neuron std and WD
+        ``[d_out]`` (from :meth:`dense_step`)
+    table : pd.DataFrame
+        The per-neuron table, one column group added per step.
+    order, top, plot_idx : neurons by decreasing WD (non-finite last) ``[d_out]``, the
+        Wasserstein-neuron mask ``[d_out]`` and the plotted neurons ``[P]``
+    full, base : the SparseGPT pruner of all calibration tokens (its Hessian ``H`` replaces the
+        one of an empty cluster) and the baseline's :class:`_Sparse` (from :meth:`sparsegpt_step`)
+    outputs : NeuronOutputs
+    """
+
+    def __init__(self, x_cal, x_eval, weight, bias, device, spec, seed, router_kw):
+        if x_cal.ndim != 2 or x_eval.ndim != 2 or weight.ndim != 2:
+            raise ValueError("x_cal, x_eval must be [tokens, d_in] and weight [d_out, d_in]")
+        d_in = weight.shape[1]
+        if x_cal.shape[1] != d_in or x_eval.shape[1] != d_in:
+            raise ValueError(
+                f"input widths {x_cal.shape[1]} / {x_eval.shape[1]} do not match the weight's "
+                f"d_in={d_in}"
+            )
+        if x_eval.shape[0] < 2:
+            raise ValueError("need at least 2 held-out tokens")
+        self.device = weight.device if device is None else torch.device(device)
+        self.x_cal = x_cal.detach().to(device="cpu", dtype=torch.float32)
+        self.x_eval = x_eval.detach().to(device="cpu", dtype=torch.float32)
+        self.w = weight.detach().to(device=self.device, dtype=torch.float32)
+        self.b = None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32)
+        self.spec, self.seed, self.router_kw = spec, seed, router_kw
+
+    def dense_step(self, top_percent: float, plot_neurons: int) -> None:
+        """Dense outputs, their statistics, the WD ranking and the top / plotted neurons."""
+        self.y = linear_outputs(self.x_eval, self.w, self.b, device=self.device)
+        stats = neuron_statistics(self.y)
+        wd = self.wd = stats["wd"]
+        self.std = stats["std"]
+        d_out = self.y.shape[1]
+        n_top = count_for_percent(d_out, top_percent)
+        order = self.order = np.argsort(np.where(np.isfinite(wd), -wd, np.inf), kind="stable")
+        wd_rank = np.empty(d_out, dtype=np.int64)
+        wd_rank[order] = np.arange(d_out)
+        is_top = (wd_rank < n_top) & np.isfinite(wd)
+        plot_idx = order[: min(plot_neurons, d_out)]
+        self.plot_idx = plot_idx[np.isfinite(wd[plot_idx])]
+        columns = {"neuron": np.arange(d_out), "wd": wd, "mean": stats["mean"]}
+        columns["variance"] = stats["std"] ** 2
+        columns.update({name: stats[name] for name in ("std", "skew", "kurtosis", "constant")})
+        self.table = pd.DataFrame({**columns, "wd_rank": wd_rank, "is_top": is_top})
+        self.top = is_top
+
+    def compare(self, y_sparse: np.ndarray) -> _Sparse:
+        """Per-neuron and layer reconstruction errors of ``y_sparse`` ``[M, d_out]``."""
+        w1 = wasserstein_between(self.y, y_sparse).numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w1z = np.where(self.std > 0, w1 / self.std, np.nan)
+        return _Sparse(
+            err=relative_error(y_sparse, self.y),
+            w1=w1,
+            w1z=w1z,
+            layer_err=_frobenius_error(y_sparse, self.y),
+            plot=np.ascontiguousarray(y_sparse[:, self.plot_idx]),
+        )
+
+    def sparsegpt_step(self) -> None:
+        """SparseGPT with the Hessian of all calibration tokens: its columns and outputs."""
+        self.full = SparseGPTPruner(self.w.shape[1], device=self.device)
+        for i in range(0, self.x_cal.shape[0], _ROW_CHUNK):
+            self.full.add_batch(self.x_cal[i : i + _ROW_CHUNK])
+        w_sgpt = self.full.prune(self.w, self.spec).weight
+        base = self.base = self.compare(linear_outputs(self.x_eval, w_sgpt, self.b, self.device))
+        self.table["err_sparsegpt"] = base.err
+        self.table["w1_sparse_dense_sparsegpt"] = base.w1
+        self.table["w1z_sparse_dense_sparsegpt"] = base.w1z
+        self.outputs = NeuronOutputs(
+            neurons=self.plot_idx.astype(np.int64),
+            wd=self.wd[self.plot_idx],
+            dense=np.ascontiguousarray(self.y[:, self.plot_idx]),
+            sparsegpt=base.plot,
+        )
+
+    def fit_experts(self, k: int) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """Sparse Expansion with ``k > 1`` experts: router, per-cluster SparseGPT, outputs.
+
+        Returns the expert of every held-out token (int64 ``[M]``), the calibration tokens per
+        cluster and the SE outputs ``[M, d_out]``.
+        """
+        x, dev = self.x_cal, self.device
+        router = fit_router(x, k, device=dev, **self.router_kw)
+        experts_w, cal_counts = prune_experts(
+            self.w, x, router.route(x).cpu(), k, self.spec, full_hessian=self.full.H, device=dev
+        )
+        labels = router.route(self.x_eval).cpu().numpy().astype(np.int64)
+        y_sparse = routed_outputs(self.x_eval, experts_w, torch.from_numpy(labels), self.b, dev)
+        return labels, cal_counts, y_sparse
+
+    def experts_step(self, k: int) -> dict:
+        """``k`` experts: their :data:`PER_K_COLUMNS` and outputs; returns their ``per_k`` row.
+
+        ``k = 1`` is the SparseGPT baseline itself. The random-partition control shuffles the
+        held-out labels with ``np.random.default_rng([seed, k])``.
+        """
         if k == 1:
-            labels_eval = np.zeros(x_eval.shape[0], dtype=np.int64)
-            cal_counts = [x_cal.shape[0]]
-            err_se, w1, w1z = err_sgpt, w1_sgpt, w1z_sgpt
-            layer_err = layer_err_sgpt
-            outputs.se[k] = outputs.sparsegpt.copy()
+            labels = np.zeros(self.x_eval.shape[0], dtype=np.int64)
+            cal_counts, se = [self.x_cal.shape[0]], self.base
+            self.outputs.se[k] = self.outputs.sparsegpt.copy()
         else:
-            router = fit_router(
-                x_cal,
-                k,
-                pca_factor=pca_factor,
-                restarts=kmeans_restarts,
-                seed=seed,
-                device=device,
-            )
-            labels_cal = router.route(x_cal).cpu()
-            experts_w, cal_counts = prune_experts(
-                w, x_cal, labels_cal, k, spec, full_hessian=full.H, device=device
-            )
-            labels_eval = router.route(x_eval).cpu().numpy().astype(np.int64)
-            y_sparse = routed_outputs(x_eval, experts_w, torch.from_numpy(labels_eval), b, device)
-            del experts_w
-            err_se = relative_error(y_sparse, y_dense)
-            w1 = wasserstein_between(y_dense, y_sparse).numpy()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                w1z = np.where(stats["std"] > 0, w1 / stats["std"], np.nan)
-            layer_err = _frobenius_error(y_sparse, y_dense)
-            outputs.se[k] = np.ascontiguousarray(y_sparse[:, plot_idx])
+            labels, cal_counts, y_sparse = self.fit_experts(k)
+            se = self.compare(y_sparse)
             del y_sparse
-        outputs.labels[k] = labels_eval
-        ri = relative_improvement(err_sgpt, err_se)
-        wexp = weighted_expert_wd(y_dense, labels_eval, k)
-        shuffled = np.random.default_rng([seed, k]).permutation(labels_eval)
-        wrand = weighted_expert_wd(y_dense, shuffled, k)
-        for name, values in zip(PER_K_COLUMNS, (err_se, ri, w1, w1z, wexp, wrand), strict=True):
-            table[f"{name}_k{k}"] = values
-        eval_counts = np.bincount(labels_eval, minlength=k)
+            self.outputs.se[k] = se.plot
+        self.outputs.labels[k] = labels
+        ri = relative_improvement(self.base.err, se.err)
+        wexp = weighted_expert_wd(self.y, labels, k)
+        shuffled = np.random.default_rng([self.seed, k]).permutation(labels)
+        wrand = weighted_expert_wd(self.y, shuffled, k)
+        for name, v in zip(PER_K_COLUMNS, (se.err, ri, se.w1, se.w1z, wexp, wrand), strict=True):
+            self.table[f"{name}_k{k}"] = v
+        eval_counts = np.bincount(labels, minlength=k)
+        return self.per_k_row(k, se, ri, wexp, wrand, cal_counts, eval_counts)
+
+    def errors(self, se: _Sparse) -> dict:
+        """Layer error and median per-neuron error (all and top neurons) of a sparse version."""
+        top_err = _median(se.err[self.top])
+        return {"layer_err": se.layer_err, "median_err": _median(se.err), "median_err_top": top_err}
+
+    def per_k_row(self, k, se: _Sparse, ri, wexp, wrand, cal_counts, eval_counts) -> dict:
+        """The ``per_k`` row of ``k`` experts, without its ``seconds``.
+
+        ``ri``, ``wexp``, ``wrand`` ``[d_out]``: RI over SparseGPT and the weighted expert /
+        random-partition WD; ``cal_counts``, ``eval_counts`` ``[k]``: tokens per cluster.
+        """
+        top = self.top
         row = {
             "experts": k,
-            "layer_err": layer_err,
-            "median_err": _median(err_se),
-            "median_err_top": _median(err_se[top]),
+            **self.errors(se),
             "median_ri": _median(ri),
             "median_ri_top": _median(ri[top]),
             "frac_ri_positive": float(np.mean(ri[np.isfinite(ri)] > 0)) if k > 1 else 0.0,
         }
         for other in ("wd", "mean", "variance", "kurtosis"):
-            rho, p = _spearman(ri, table[other]) if k > 1 else (float("nan"),) * 2
+            rho, p = _spearman(ri, self.table[other]) if k > 1 else (float("nan"),) * 2
             row[f"spearman_ri_{other}"] = rho
             row[f"pvalue_ri_{other}"] = p
-        row.update(
-            {
-                "median_w1_top": _median(w1[top]),
-                "median_w1_all": _median(w1),
-                "median_w1z_top": _median(w1z[top]),
-                "median_w1z_all": _median(w1z),
-                "median_weighted_wd_top": _median(wexp[top]),
-                "median_weighted_wd_all": _median(wexp),
-                "median_weighted_random_wd_top": _median(wrand[top]),
-                "median_weighted_random_wd_all": _median(wrand),
-                "min_cluster_calibration_tokens": int(min(cal_counts)),
-                "max_cluster_calibration_tokens": int(max(cal_counts)),
-                "min_cluster_eval_tokens": int(eval_counts.min()),
-                "max_cluster_eval_tokens": int(eval_counts.max()),
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        per_k_rows.append(row)
-        seconds[f"experts_{k}"] = row["seconds"]
-    per_k = pd.DataFrame(per_k_rows)
+        row.update(_medians(top, w1=se.w1, w1z=se.w1z, weighted_wd=wexp, weighted_random_wd=wrand))
+        row["min_cluster_calibration_tokens"] = int(min(cal_counts))
+        row["max_cluster_calibration_tokens"] = int(max(cal_counts))
+        row["min_cluster_eval_tokens"] = int(eval_counts.min())
+        row["max_cluster_eval_tokens"] = int(eval_counts.max())
+        return row
 
-    md = table["mapping_difficulty"].to_numpy()
-    rho_md, p_md = _spearman(md, wd)
-    seconds["total"] = time.perf_counter() - t_start
-    summary = {
-        "n_calibration_tokens": int(x_cal.shape[0]),
-        "n_eval_tokens": int(x_eval.shape[0]),
-        "d_in": int(d_in),
-        "d_out": int(d_out),
-        "experts": ks,
-        "spec": {
-            "sparsity": spec.sparsity,
-            "prunen": spec.prunen,
-            "prunem": spec.prunem,
-            "wbits": spec.wbits,
-        },
-        "top_percent": float(top_percent),
-        "n_top": int(is_top.sum()),
-        "top_neurons": order[: int(is_top.sum())].tolist(),
-        "median_wd_top": _median(wd[top]),
-        "median_wd_all": _median(wd),
-        "sparsegpt": {
-            "layer_err": layer_err_sgpt,
-            "median_err": _median(err_sgpt),
-            "median_err_top": _median(err_sgpt[top]),
-            "median_w1_top": _median(w1_sgpt[top]),
-            "median_w1_all": _median(w1_sgpt),
-        },
-        "mapping_difficulty": {
-            "pairs": int(mapping_pairs),
-            "median_top": _median(md[top]),
-            "median_all": _median(md),
-            "spearman_md_wd": rho_md,
-            "pvalue_md_wd": p_md,
-        },
-        "per_k": per_k.to_dict(orient="records"),
-        "seconds": seconds,
-    }
-    return DisentangleResult(table=table, per_k=per_k, summary=summary, outputs=outputs)
-
-
-# ============================================================================================
-# Workflow
-# ============================================================================================
-
-
-@dataclass
-class DisentangleConfig:
-    """Knobs of a ``disentangle`` run (CLI flags of the same names).
-
-    Attributes
-    ----------
-    out : str
-        Run folder.
-    model, dataset : str
-        Model name / folder and corpus (``"embedded"``, ``"wikitext2"`` or a text file).
-    layer : int
-        Decoder layer studied.
-    role : str or None
-        Linear studied (``"gate"``, ``"up"``, ``"down"``); default the first projection.
-    sparsity : float
-        Per-row sparsity of every sparse copy (paper's analysis: 0.9).
-    prunen, prunem : int
-        n:m sparsity instead of ``sparsity`` when set (``sparsity`` is then ignored).
-    experts : sequence of int or comma-separated str
-        Numbers of experts ``K`` (``1`` = SparseGPT).
-    nsamples, seqlen : int
-        Calibration windows (random, seeded) and their length: 128 x 512 = 64k tokens, i.e.
-        about 4k per expert at ``K = 16`` (DESIGN.md §1: SE needs thousands per expert).
-    eval_tokens : int
-        Held-out tokens (consecutive windows of the evaluation split).
-    pca_factor, kmeans_restarts : int
-        Router settings (paper: 32 and 100).
-    top_percent : float
-        Wasserstein neurons = top ``top_percent``% by WD.
-    plot_neurons : int
-        Top-WD neurons whose outputs are kept and plotted.
-    mapping_pairs : int
-        Random pairs for the mapping difficulty.
-    batch_size : int
-        Windows per forward pass when collecting inputs.
-    seed : int
-        Calibration windows, routers, pairs.
-    device, dtype : str
-        Model device / dtype (the analysis itself runs in float32 on ``device``).
-    overwrite : bool
-        Replace a finished run in ``out``.
-    """
-
-    out: str = "runs/disentangle"
-    model: str = DEFAULT_MODEL
-    dataset: str = "embedded"
-    layer: int = 5
-    role: str | None = None
-    sparsity: float = 0.9
-    prunen: int = 0
-    prunem: int = 0
-    experts: Sequence[int] | str = DEFAULT_EXPERTS
-    nsamples: int = 128
-    seqlen: int = 512
-    eval_tokens: int = 32768
-    pca_factor: int = 32
-    kmeans_restarts: int = 10
-    top_percent: float = 3.0
-    plot_neurons: int = 4
-    mapping_pairs: int = 32768
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    overwrite: bool = False
-
-    def prune_spec(self) -> PruneSpec:
-        """The :class:`PruneSpec` of every sparse copy (validates the sparsity settings)."""
-        if self.prunen or self.prunem:
-            return PruneSpec(sparsity=0.0, prunen=self.prunen, prunem=self.prunem)
-        return PruneSpec(sparsity=self.sparsity)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` for settings that cannot work (before any model is loaded)."""
-        self.prune_spec()
-        _resolve_experts(self.experts)
-        check_percent(self.top_percent)
-        if self.eval_tokens < self.seqlen:
-            raise ValueError(
-                f"eval_tokens ({self.eval_tokens}) must be at least one window of "
-                f"seqlen ({self.seqlen})"
-            )
-        for name in ("nsamples", "kmeans_restarts", "mapping_pairs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.plot_neurons < 1:
-            raise ValueError(f"plot_neurons must be at least 1, got {self.plot_neurons}")
-
-
-def _expansion_ks(ks: Sequence[int]) -> list[int]:
-    """Up to three numbers of experts for the panel figure: smallest, middle, largest."""
-    ks = list(ks)
-    return ks if len(ks) <= 3 else [ks[0], ks[len(ks) // 2], ks[-1]]
-
-
-def save_disentangle_plots(result: DisentangleResult, out: str | Path) -> list[Path]:
-    """Write the figures of a disentanglement result to ``out``; returns their paths.
-
-    * ``neuron_{j}_sparse_vs_dense.png`` — the top-WD neuron: dense vs SparseGPT vs SE (largest
-      ``K``) output histograms, W1 to dense in the legend;
-    * ``neuron_{j}_by_expert.png`` — its dense outputs split by expert (largest ``K``);
-    * ``ri_vs_wd.png`` — RI vs WD for every ``K > 1``, Spearman ρ in the titles;
-    * ``neuron_{j}_expansion.png`` — dense / sparse / per-expert distributions for a few ``K``
-      with W1(sparse, dense) in the panel titles;
-    * ``w1_vs_k.png`` — W1(sparse, dense) vs ``K`` for the top-WD neurons and all neurons.
-    """
-    from . import plotting
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    o = result.outputs
-    ks = sorted(o.se)
-    paths: list[Path] = []
-    if len(o.neurons):
-        j, col = int(o.neurons[0]), 0
-        k_max = ks[-1]
-        sparse = {"SparseGPT": o.sparsegpt[:, col]}
-        if k_max > 1:
-            sparse[f"SE k={k_max}"] = o.se[k_max][:, col]
-        fig = plotting.plot_sparse_vs_dense(
-            o.dense[:, col], sparse, title=f"neuron {j} (WD={o.wd[col]:.3f})"
-        )
-        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_sparse_vs_dense.png"))
-        fig = plotting.plot_outputs_by_expert(
-            o.dense[:, col], o.labels[k_max], title=f"neuron {j}: dense outputs, {k_max} experts"
-        )
-        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_by_expert.png"))
-        sel = _expansion_ks(ks)
-        fig = plotting.plot_expansion_panels(
-            o.dense[:, col],
-            {k: o.se[k][:, col] for k in sel},
-            {k: o.labels[k] for k in sel},
-            title=f"neuron {j} (WD={o.wd[col]:.3f})",
-        )
-        paths.append(plotting.save_figure(fig, out / f"neuron_{j}_expansion.png"))
-    multi = [k for k in ks if k > 1]
-    if multi:
-        fig = plotting.plot_ri_vs_wd(result.table, multi)
-        paths.append(plotting.save_figure(fig, out / "ri_vs_wd.png"))
-    fig = plotting.plot_w1_vs_k(result.table, ks)
-    paths.append(plotting.save_figure(fig, out / "w1_vs_k.png"))
-    return paths
-
-
-def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -> DisentangleResult:
-    """Run the disentanglement analysis of one layer end to end and write its run folder.
-
-    1. load the model (unless ``model``, a ``LoadedModel``, is given);
-    2. draw ``nsamples`` calibration windows (seeded) and ``eval_tokens`` held-out tokens
-       (consecutive windows of the evaluation split) and collect the studied linear's inputs
-       from the **dense** model (:func:`collect_linear_inputs`);
-    3. :func:`disentangle_linear`;
-    4. write ``neurons.csv``, ``per_k.csv``, ``summary.json``, ``top_neuron_outputs.npz``, the
-       figures (:func:`save_disentangle_plots`) and ``config.json`` (last).
-
-    Parameters
-    ----------
-    cfg : DisentangleConfig
-    model : LoadedModel, optional
-    progress : bool
-        tqdm bars.
-
-    Returns
-    -------
-    DisentangleResult
-        With ``out`` set and ``layer``/``hook`` columns in ``table``.
-
-    Raises
-    ------
-    ValueError
-        Bad settings, a layer outside ``0..n_layers-1`` or an unknown role (before anything is
-        written).
-    RunExistsError
-        ``cfg.out`` holds a finished run and ``cfg.overwrite`` is False.
-    """
-    cfg.validate()
-    spec = cfg.prune_spec()
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if model is None:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    seconds["load"] = time.perf_counter() - t0
-    adapter = model.adapter
-    layer = check_layer(adapter, cfg.layer)
-    role = _resolve_role(adapter, cfg.role)
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
-
-    t0 = time.perf_counter()
-    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
-    eval_windows = evaluation_windows(eval_tokens, cfg.seqlen, max_tokens=cfg.eval_tokens)
-    kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
-    x_cal = collect_linear_inputs(model, cal_windows, **kw)
-    x_eval = collect_linear_inputs(model, eval_windows, **kw)
-    seconds["collect"] = time.perf_counter() - t0
-
-    linear = adapter.linear(model.hf_model, layer, role)
-    weight = adapter.weight(model.hf_model, layer, role).detach()
-    bias = getattr(linear, "bias", None)
-    result = disentangle_linear(
-        x_cal,
-        x_eval,
-        weight,
-        None if bias is None else bias.detach(),
-        experts=cfg.experts,
-        spec=spec,
-        pca_factor=cfg.pca_factor,
-        kmeans_restarts=cfg.kmeans_restarts,
-        seed=cfg.seed,
-        top_percent=cfg.top_percent,
-        plot_neurons=cfg.plot_neurons,
-        mapping_pairs=cfg.mapping_pairs,
-        device=model.device,
-        progress=progress,
-    )
-    del x_cal, x_eval
-    if role in adapter.neuron_roles:
-        hook = adapter.hook_name(layer, role)
-    else:  # the down projection's outputs have no MLP alias; name the linear's own hook
-        hook = f"blocks.{layer}.mlp.{adapter.spec(role).bridge_attr}.hook_out"
-    result.table.insert(0, "hook", hook)
-    result.table.insert(0, "layer", layer)
-    result.summary.update({"layer": layer, "role": role, "hook": hook})
-    seconds.update(result.summary["seconds"])
-    result.summary["seconds"] = seconds
-
-    t0 = time.perf_counter()
-    save_table(result.table, out, "neurons")
-    result.per_k.to_csv(out / "per_k.csv", index=False)
-    result.outputs.save(out / "top_neuron_outputs.npz")
-    save_disentangle_plots(result, out)
-    seconds["report"] = time.perf_counter() - t0
-    summary = _jsonable(result.summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    config = asdict(cfg)
-    config["experts"] = _resolve_experts(cfg.experts)
-    write_run_config(
-        out,
-        {
-            "command": "disentangle",
-            "config": config,
-            "model": {
-                "name": model.name,
-                "family": adapter.family,
-                "n_layers": adapter.n_layers,
-                "d_model": adapter.d_model,
-                "d_mlp": adapter.d_mlp,
+    def summary(self, ks, top_percent: float, mapping_pairs: int, md_corr) -> dict:
+        """The JSON-ready summary, up to its ``per_k`` rows and ``seconds``."""
+        top, wd, base = self.top, self.wd, self.base
+        md = self.table["mapping_difficulty"].to_numpy()
+        n_top = int(top.sum())
+        d_out, d_in = self.w.shape
+        return {
+            "n_calibration_tokens": int(self.x_cal.shape[0]),
+            "n_eval_tokens": int(self.x_eval.shape[0]),
+            "d_in": int(d_in),
+            "d_out": int(d_out),
+            "experts": ks,
+            "spec": {name: getattr(self.spec, name) for name in _SPEC_FIELDS},
+            "top_percent": float(top_percent),
+            "n_top": n_top,
+            "top_neurons": self.order[:n_top].tolist(),
+            **_medians(top, wd=wd),
+            "sparsegpt": {**self.errors(base), **_medians(top, w1=base.w1)},
+            "mapping_difficulty": {
+                "pairs": int(mapping_pairs),
+                "median_top": _median(md[top]),
+                "median_all": _median(md),
+                "spearman_md_wd": md_corr[0],
+                "pvalue_md_wd": md_corr[1],
             },
-            "corpus": {
-                "name": cfg.dataset,
-                "calibration_split_tokens": len(cal_tokens),
-                "evaluation_split_tokens": len(eval_tokens),
-            },
-            "summary": summary,
-        },
-    )
-    result.out = out
-    return result
-
-
-def _jsonable(obj):
-    """Plain JSON types, with NaN / inf written as ``null`` (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
+        }
