@@ -27,7 +27,8 @@ import time
 
 import pandas as pd
 
-from wasserstein_neurons.disentangle import DisentangleConfig, run_disentangle
+from wasserstein_neurons.expansion import DEFAULT_KMEANS_RESTARTS
+from wasserstein_neurons.workflows import DisentangleConfig, run_disentangle
 
 
 def _fmt(v: float) -> str:
@@ -46,7 +47,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--pca-factor", type=int, default=32)
-    p.add_argument("--kmeans-restarts", type=int, default=10)
+    p.add_argument("--kmeans-restarts", type=int, default=DEFAULT_KMEANS_RESTARTS)
     p.add_argument("--top-percent", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

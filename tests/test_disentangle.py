@@ -204,7 +204,7 @@ def test_bad_arguments_are_clear():
         disentangle_linear(x[:, :10], x, w)
     with pytest.raises(ValueError, match="sparsity must be in"):
         DisentangleConfig(sparsity=1.0).validate()
-    with pytest.raises(ValueError, match="eval_tokens"):
+    with pytest.raises(ValueError, match="eval.tokens"):
         DisentangleConfig(eval_tokens=10, seqlen=32).validate()
 
 

@@ -313,7 +313,7 @@ def _add_disentangle(sub) -> None:
 
 
 def _disentangle(args: argparse.Namespace) -> int:
-    from .disentangle import DisentangleConfig, run_disentangle
+    from .workflows import DisentangleConfig, run_disentangle
 
     result = run_disentangle(_config(DisentangleConfig, args), progress=not args.no_progress)
     cols = [

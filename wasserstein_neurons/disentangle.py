@@ -63,7 +63,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .expansion import fit_router
+from .capture import run_hooked
+from .expansion import DEFAULT_KMEANS_RESTARTS, fit_router
 from .pruning import PruneSpec, SparseGPTPruner
 from .ranking import check_percent, count_for_percent
 from .wasserstein import neuron_statistics, wasserstein_between, wasserstein_to_gaussian
@@ -81,6 +82,8 @@ __all__ = [
     "mapping_difficulty",
     "prune_experts",
     "random_pairs",
+    "resolve_experts",
+    "resolve_role",
     "relative_error",
     "relative_improvement",
     "routed_outputs",
@@ -154,7 +157,8 @@ def check_layer(adapter, layer: int) -> int:
     return int(layer)
 
 
-def _resolve_role(adapter, role: str | None) -> str:
+def resolve_role(adapter, role: str | None) -> str:
+    """``role`` checked against the adapter (default: the first projection)."""
     role = adapter.first_role if role is None else role
     adapter.spec(role)  # raises a ValueError listing the valid roles
     return role
@@ -324,9 +328,10 @@ def mapping_difficulty(
             \frac{\Delta y_{pj} / \operatorname{median}_{q \in P} \Delta y_{qj}}
                  {\Delta x_p / \max_{q \in P} \Delta x_q}.
 
-    This is our reading of DESIGN.md §1 ("mean ratio of normalised output distance to
-    normalised input distance over random token pairs; outputs scaled by the median
-    :math:`|\Delta y|`, inputs by the max :math:`\lVert \Delta x \rVert`"): the output scale is
+    This is our reading of the paper's definition (ARCHITECTURE.md, "Science notes": the mean
+    ratio of normalised output distance to normalised input distance over random token pairs,
+    outputs scaled by the median :math:`|\Delta y|`, inputs by the max
+    :math:`\lVert \Delta x \rVert`): the output scale is
     per neuron (so MD does not depend on the neuron's units or spread), the input scale is one
     number for the layer (so it rescales every neuron of the layer alike and does not change
     their ranking). A neuron with a large MD maps many close input pairs to output differences
@@ -533,7 +538,7 @@ def collect_linear_inputs(
     """
     adapter = model.adapter
     layer = check_layer(adapter, layer)
-    role = _resolve_role(adapter, role)
+    role = resolve_role(adapter, role)
     if windows.ndim != 2:
         raise ValueError(f"windows must be [n_windows, seqlen], got {tuple(windows.shape)}")
     name = adapter.input_hook_name(layer, role)
@@ -547,14 +552,15 @@ def collect_linear_inputs(
         out[pos[0] : pos[0] + flat.shape[0]] = flat.to(device="cpu", dtype=torch.float32)
         pos[0] += flat.shape[0]
 
-    stop = layer + 1 if layer < adapter.n_layers - 1 else None
-    for start in tqdm(
-        range(0, n_windows, batch_size), desc=f"inputs L{layer}", disable=not progress
-    ):
-        batch = windows[start : start + batch_size].to(model.device)
-        model.bridge.run_with_hooks(
-            batch, fwd_hooks=[(name, hook)], return_type=None, stop_at_layer=stop
-        )
+    run_hooked(
+        model,
+        windows,
+        [(name, hook)],
+        batch_size=batch_size,
+        last_layer=layer,
+        progress=progress,
+        desc=f"inputs L{layer}",
+    )
     if pos[0] != out.shape[0]:
         raise RuntimeError(f"hook {name} delivered {pos[0]} of {out.shape[0]} token inputs")
     return out
@@ -674,7 +680,8 @@ def _frobenius_error(y_sparse: np.ndarray, y_dense: np.ndarray) -> float:
     return math.sqrt(num / den) if den > 0 else float("nan")
 
 
-def _resolve_experts(experts) -> list[int]:
+def resolve_experts(experts) -> list[int]:
+    """Sorted unique numbers of experts from ``"1,2,4"`` or a sequence; ValueError if not >= 1."""
     if isinstance(experts, str):
         experts = [e for e in experts.replace(" ", "").split(",") if e]
     try:
@@ -696,7 +703,7 @@ def disentangle_linear(
     experts: Sequence[int] | str = DEFAULT_EXPERTS,
     spec: PruneSpec | None = None,
     pca_factor: int | None = 32,
-    kmeans_restarts: int = 10,
+    kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS,
     seed: int = 0,
     top_percent: float = 3.0,
     plot_neurons: int = 4,
@@ -751,7 +758,7 @@ def disentangle_linear(
     except the columns of the plotted neurons.
     """
     t_start = time.perf_counter()
-    ks = _resolve_experts(experts)
+    ks = resolve_experts(experts)
     spec = PruneSpec(sparsity=0.9) if spec is None else spec
     check_percent(top_percent)
     router_kw = dict(pca_factor=pca_factor, restarts=kmeans_restarts, seed=seed)

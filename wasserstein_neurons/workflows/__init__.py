@@ -30,6 +30,7 @@ from .common import (
     config_from,
     eval_windows_for,
 )
+from .disentangle import DisentangleConfig, run_disentangle, save_disentangle_plots
 from .expand import ExpandConfig, run_expand, run_grid
 from .prune import PruneConfig, run_eval, run_prune, save_pruned
 from .rank import RankConfig, RankResult, run_rank
@@ -37,6 +38,7 @@ from .rank import RankConfig, RankResult, run_rank
 __all__ = [
     "AblateConfig",
     "CalibrationSettings",
+    "DisentangleConfig",
     "EvalSettings",
     "ExpandConfig",
     "ModelSettings",
@@ -52,6 +54,8 @@ __all__ = [
     "run_expand",
     "run_grid",
     "run_prune",
+    "run_disentangle",
     "run_rank",
+    "save_disentangle_plots",
     "save_pruned",
 ]

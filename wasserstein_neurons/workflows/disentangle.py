@@ -31,21 +31,20 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from ..data import calibration_windows, evaluation_windows, load_tokens
+from ..data import load_tokens
 from ..disentangle import (
     DEFAULT_EXPERTS,
     DisentangleResult,
-    _resolve_experts,
-    _resolve_role,
     check_layer,
     collect_linear_inputs,
     disentangle_linear,
+    resolve_experts,
+    resolve_role,
 )
-from ..expansion.builder import DEFAULT_KMEANS_RESTARTS
-from ..models import DEFAULT_MODEL, load_model
-from ..pruning import PruneSpec
+from ..expansion import DEFAULT_KMEANS_RESTARTS
 from ..ranking import check_percent
 from ..runs import prepare_run_dir, save_table, write_run_config
+from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
 
 __all__ = ["DisentangleConfig", "run_disentangle", "save_disentangle_plots"]
 
@@ -62,7 +61,7 @@ _ANALYSIS_SETTINGS = (
 
 
 @dataclass
-class DisentangleConfig:
+class DisentangleConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     """Knobs of a ``disentangle`` run (CLI flags of the same names).
 
     Attributes
@@ -83,7 +82,8 @@ class DisentangleConfig:
         Numbers of experts ``K`` (``1`` = SparseGPT).
     nsamples, seqlen : int
         Calibration windows (random, seeded) and their length: 128 x 512 = 64k tokens, i.e.
-        about 4k per expert at ``K = 16`` (DESIGN.md §1: SE needs thousands per expert).
+        about 4k per expert at ``K = 16`` (SE needs thousands per expert: ARCHITECTURE.md,
+        "Science notes").
     eval_tokens : int
         Held-out tokens (consecutive windows of the evaluation split).
     pca_factor, kmeans_restarts : int
@@ -106,45 +106,25 @@ class DisentangleConfig:
     """
 
     out: str = "runs/disentangle"
-    model: str = DEFAULT_MODEL
-    dataset: str = "embedded"
     layer: int = 5
     role: str | None = None
     sparsity: float = 0.9
-    prunen: int = 0
-    prunem: int = 0
     experts: Sequence[int] | str = DEFAULT_EXPERTS
-    nsamples: int = 128
-    seqlen: int = 512
-    eval_tokens: int = 32768
     pca_factor: int = 32
     kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS
     top_percent: float = 3.0
     plot_neurons: int = 4
     mapping_pairs: int = 32768
-    batch_size: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
     overwrite: bool = False
-
-    def prune_spec(self) -> PruneSpec:
-        """The :class:`PruneSpec` of every sparse copy (validates the sparsity settings)."""
-        if self.prunen or self.prunem:
-            return PruneSpec(sparsity=0.0, prunen=self.prunen, prunem=self.prunem)
-        return PruneSpec(sparsity=self.sparsity)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work (before any model is loaded)."""
-        self.prune_spec()
-        _resolve_experts(self.experts)
+        self.spec()
+        resolve_experts(self.experts)
         check_percent(self.top_percent)
-        if self.eval_tokens < self.seqlen:
-            raise ValueError(
-                f"eval_tokens ({self.eval_tokens}) must be at least one window of "
-                f"seqlen ({self.seqlen})"
-            )
-        for name in ("nsamples", "kmeans_restarts", "mapping_pairs", "batch_size"):
+        self.validate_eval()
+        self.validate_calibration()
+        for name in ("kmeans_restarts", "mapping_pairs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.plot_neurons < 1:
@@ -240,11 +220,10 @@ def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -
     cfg.validate()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if model is None:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model = cfg.load(model)
     seconds["load"] = time.perf_counter() - t0
     layer = check_layer(model.adapter, cfg.layer)
-    role = _resolve_role(model.adapter, cfg.role)
+    role = resolve_role(model.adapter, cfg.role)
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
 
     t0 = time.perf_counter()
@@ -277,17 +256,13 @@ def _collect_inputs(
     ``[<= eval_tokens, d_in]`` (consecutive windows of the evaluation split) and the corpus
     record of ``config.json``.
     """
-    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    cal_windows = calibration_windows(cal_tokens, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
-    eval_windows = evaluation_windows(eval_tokens, cfg.seqlen, max_tokens=cfg.eval_tokens)
     kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
-    x_cal = collect_linear_inputs(model, cal_windows, **kw)
-    x_eval = collect_linear_inputs(model, eval_windows, **kw)
+    x_cal = collect_linear_inputs(model, cfg.calibration_windows(model), **kw)
+    x_eval = collect_linear_inputs(model, eval_windows_for(model, cfg), **kw)
     corpus = {
         "name": cfg.dataset,
-        "calibration_split_tokens": len(cal_tokens),
-        "evaluation_split_tokens": len(eval_tokens),
+        "calibration_split_tokens": len(load_tokens(model.tokenizer, cfg.dataset, "calibration")),
+        "evaluation_split_tokens": len(load_tokens(model.tokenizer, cfg.dataset, "evaluation")),
     }
     return x_cal, x_eval, corpus
 
@@ -303,7 +278,7 @@ def _analyse(
         x_eval,
         adapter.weight(model.hf_model, layer, role).detach(),
         None if bias is None else bias.detach(),
-        spec=cfg.prune_spec(),
+        spec=cfg.spec(),
         device=model.device,
         progress=progress,
         **{name: getattr(cfg, name) for name in _ANALYSIS_SETTINGS},
@@ -321,7 +296,7 @@ def _analyse(
 def _run_record(cfg: DisentangleConfig, model, corpus: dict, summary: dict) -> dict:
     """What ``config.json`` records: command, config, model, corpus and summary."""
     config = asdict(cfg)
-    config["experts"] = _resolve_experts(cfg.experts)
+    config["experts"] = resolve_experts(cfg.experts)
     adapter = model.adapter
     return {
         "command": "disentangle",
