@@ -135,3 +135,40 @@ def corpus(tmp_path_factory):
     docs = [". ".join(sentences[i : i + 6]) + f" document {i}." for i in range(len(sentences))]
     path.write_text("\n\n".join(docs * 4))
     return path
+
+
+# ------------------------------------------------------------------ reference forward passes
+
+
+def layer_input(model, layer, ids, batch_size=4):
+    """Hidden states entering decoder ``layer`` in the model's full forward ``[n, seq, d]``."""
+    chunks = []
+
+    def hook(module, args, kwargs):
+        chunks.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    h = model.adapter.decoder_layers(model.hf_model)[layer].register_forward_pre_hook(
+        hook, with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch_size):
+                model.hf_model(ids[i : i + batch_size], use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(chunks)
+
+
+def module_inputs(model, module, ids, batch_size=4):
+    """Inputs ``[tokens, in]`` of ``module`` in the model's full forward."""
+    chunks = []
+    h = module.register_forward_pre_hook(
+        lambda m, a: chunks.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+    )
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch_size):
+                model.hf_model(ids[i : i + batch_size], use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(chunks)

@@ -1,4 +1,4 @@
-"""Tests of the sequential layer-wise driver (pruning/sequential.py) on tiny random models."""
+"""Tests of the pruning driver (pruning/sequential.py) and snapshots on tiny random models."""
 
 from __future__ import annotations
 
@@ -6,14 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import layer_input, make_tiny_model, module_inputs
 
-from wasserstein_neurons.layerwise import (
-    layer_linears,
-    resolve_targets,
-    sequential_layerwise,
-    target_weight,
-)
+from wasserstein_neurons.layerwise import sequential_layerwise, target_weight
 from wasserstein_neurons.pruning import (
     SUMMARY_COLUMNS,
     PruneSpec,
@@ -43,74 +38,6 @@ def assert_same_state(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def layer_input(model, layer, ids, batch_size=BATCH):
-    """Hidden states entering decoder ``layer`` in the model's full forward ``[n, seq, d]``."""
-    chunks = []
-
-    def hook(module, args, kwargs):
-        chunks.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-
-    h = model.adapter.decoder_layers(model.hf_model)[layer].register_forward_pre_hook(
-        hook, with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch_size):
-                model.hf_model(ids[i : i + batch_size], use_cache=False)
-    finally:
-        h.remove()
-    return torch.cat(chunks)
-
-
-def module_inputs(model, module, ids, batch_size=BATCH):
-    """Inputs ``[tokens, in]`` of ``module`` in the model's full forward."""
-    chunks = []
-    h = module.register_forward_pre_hook(
-        lambda m, a: chunks.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
-    )
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch_size):
-                model.hf_model(ids[i : i + batch_size], use_cache=False)
-    finally:
-        h.remove()
-    return torch.cat(chunks)
-
-
-# ------------------------------------------------------------------------------ targets
-
-
-def test_layer_linears_names(tiny_model):
-    names = layer_linears(tiny_model, 0)
-    for role in tiny_model.adapter.roles:
-        assert names[role] is tiny_model.adapter.linear(tiny_model.hf_model, 0, role)
-    # unwrapped modules, each once
-    assert len({id(m) for m in names.values()}) == len(names)
-    assert all(type(m).__name__ in ("Linear", "Conv1D") for m in names.values())
-    assert len(names) > len(tiny_model.adapter.roles)  # attention linears found too
-    with pytest.raises(ValueError, match="unknown target"):
-        resolve_targets(tiny_model, 0, ["nope"])
-    w = target_weight(tiny_model, 0, tiny_model.adapter.first_role)
-    assert w.shape == (tiny_model.adapter.d_mlp, tiny_model.adapter.d_model)
-
-
-def test_call_groups_llama(tiny_llama):
-    groups = {}
-
-    def process(ctx):
-        groups["mlp"] = ctx.call_groups(ctx.targets("mlp"))
-        groups["all"] = ctx.call_groups(ctx.targets("all"))
-
-    sequential_layerwise(tiny_llama, windows(), process, layers=[0], progress=False)
-    assert groups["mlp"] == [["gate", "up"], ["down"]]
-    assert groups["all"] == [
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        ["self_attn.o_proj"],
-        ["gate", "up"],
-        ["down"],
-    ]
 
 
 # ------------------------------------------------------------------------------ sparsity
@@ -391,45 +318,6 @@ def test_cuda_matches_cpu(offload):
         a = cpu.adapter.weight(cpu.hf_model, 1, role)
         b = gpu.adapter.weight(gpu.hf_model, 1, role).cpu()
         assert ((a == 0) == (b == 0)).float().mean().item() > 0.99
-
-
-class _Scaled(torch.nn.Module):
-    """Stand-in for an expert-routed layer: ``0.5 * linear(x)``."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x):
-        return 0.5 * self.linear(x)
-
-
-def test_replace_linear_hooks_and_propagation(tiny_model):
-    """Modules swapped by the callback are seen by hooks and used for propagation."""
-    adapter, role = tiny_model.adapter, tiny_model.adapter.first_role
-    ids = windows()
-    seen = {}
-
-    def process(ctx):
-        if ctx.index == 0:
-            old = ctx.targets([role])[role]
-            y_old = ctx.collect_outputs({role: old})[role]
-            assert ctx.replace_linear(role, _Scaled(old)) is old
-            new = ctx.targets([role])[role]
-            assert isinstance(new, _Scaled)
-            torch.testing.assert_close(ctx.collect_outputs({role: new})[role], 0.5 * y_old)
-        else:
-            seen[ctx.index] = ctx.hidden_states().clone()
-
-    sequential_layerwise(tiny_model, ids, process, batch_size=BATCH, progress=False)
-    torch.testing.assert_close(seen[1], layer_input(tiny_model, 1, ids), rtol=0, atol=0)
-    names = (adapter.hook_name(0, role), adapter.input_hook_name(0, role))
-    _, cache = tiny_model.bridge.run_with_cache(ids[:2], names_filter=lambda n: n in names)
-    module = adapter.linear(tiny_model.hf_model, 0, role)
-    with torch.no_grad():
-        expected = module(cache[names[1]])
-        torch.testing.assert_close(cache[names[0]], expected, rtol=0, atol=0)
-        assert torch.equal(tiny_model.bridge(ids[:2]), tiny_model.hf_model(ids[:2]).logits)
 
 
 def test_magnitude_without_forward_equals_the_layer_loop():
