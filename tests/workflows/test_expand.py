@@ -212,11 +212,6 @@ def test_grid_and_resume(tiny_dir, corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["finished"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: run_grid(resume=True) appends the recomputed cell's rows to the old layers.csv "
-    "without dropping that cell's previous rows, so layers.csv holds them twice",
-)
 def test_grid_resume_keeps_one_layer_summary_per_cell(tiny_dir, corpus, tmp_path):
     out = tmp_path / "grid"
     grid = dict(grid_sparsities=("0.5",), grid_experts=(1,), baselines=("magnitude",))

@@ -431,8 +431,10 @@ def run_grid(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     del model  # the cells reuse / free it through `models`
     tables = []
     layers_path = out / "layers.csv"
-    if cfg.resume and layers_path.is_file():
-        tables.append(pd.read_csv(layers_path))
+    if cfg.resume and layers_path.is_file():  # keep only the summaries of finished cells
+        old = pd.read_csv(layers_path, dtype={"pattern": str})
+        cell = zip(old["method"], old["experts"].astype(int), old["pattern"], strict=True)
+        tables.append(old[[c in done for c in cell]])
     cells = []
     for pattern in cfg.grid_sparsities:
         label = PruneSpec.from_pattern(pattern).label
