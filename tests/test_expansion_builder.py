@@ -13,11 +13,11 @@ import torch
 from conftest import make_config, make_tiny_model, make_tokenizer
 
 from wasserstein_neurons.evaluate import perplexity
-from wasserstein_neurons.expansion import ExpertRoutedLinear, SmallClusterWarning
-from wasserstein_neurons.expansion.builder import (
-    SUMMARY_COLUMNS,
+from wasserstein_neurons.expansion import EXPANSION_SUMMARY_COLUMNS as SUMMARY_COLUMNS
+from wasserstein_neurons.expansion import (
     ExpansionConfig,
-    _sdpa_forward,
+    ExpertRoutedLinear,
+    SmallClusterWarning,
     apply_expansion,
     build_sparse_expansion,
     expanded_modules,
@@ -25,6 +25,7 @@ from wasserstein_neurons.expansion.builder import (
     mlp_cost,
     save_expanded,
 )
+from wasserstein_neurons.expansion.builder import _sdpa_forward
 from wasserstein_neurons.expansion.grid import (
     RESULT_COLUMNS,
     ExpandRunConfig,

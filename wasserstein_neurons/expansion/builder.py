@@ -87,7 +87,6 @@ Disentanglement", arXiv:2405.15756.  E. Frantar, D. Alistarh, "SparseGPT", arXiv
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -95,7 +94,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -104,21 +102,16 @@ from torch import Tensor, nn
 
 from ..pruning import PruneSpec, SparseGPTPruner, sequential_layerwise
 from ..pruning.sequential import LayerContext
+from .cost import _plain_cost, expanded_modules
 from .expert_linear import ExpertRoutedLinear
 from .replace import replace_linear
 from .router import Router, SmallClusterWarning, fit_router
 
 __all__ = [
     "DEFAULT_KMEANS_RESTARTS",
-    "EXPANSION_FORMAT",
     "SUMMARY_COLUMNS",
     "ExpansionConfig",
-    "apply_expansion",
     "build_sparse_expansion",
-    "expanded_modules",
-    "load_expanded",
-    "mlp_cost",
-    "save_expanded",
 ]
 
 #: k-means restarts per router.  Measured on 65,536 SmolLM2 calibration tokens (k = 16) on the
@@ -127,12 +120,8 @@ __all__ = [
 #: restarts keep the routers of a 30-layer model under 5 minutes (the paper used 100).
 DEFAULT_KMEANS_RESTARTS = 5
 
-#: Value of ``"format"`` in the JSON written by :func:`save_expanded`.
-EXPANSION_FORMAT = "wasserstein_neurons.sparse_expansion/1"
-_JSON_FILE = "expansion.json"
 #: Rows per ``add_batch`` call when a cluster's tokens are fed to its Hessian (k > 1).
 _HESSIAN_CHUNK = 16384
-_TENSOR_FILE = "expansion.safetensors"
 
 #: Columns of the DataFrame returned by :func:`build_sparse_expansion`.
 SUMMARY_COLUMNS = (
@@ -449,18 +438,6 @@ def _trace_quad(d: Tensor, H: Tensor) -> float:
     r""":math:`\mathrm{tr}(D H D^\top)` (float32 product, float64 sum)."""
     d = d.to(device=H.device, dtype=H.dtype)
     return float(((d @ H) * d).sum(dtype=torch.float64))
-
-
-def _nnz(t: Tensor | None) -> int:
-    return 0 if t is None else int((t != 0).sum())
-
-
-def _plain_cost(module: nn.Module) -> tuple[int, float, int]:
-    """(params, flops_per_token, nbytes) of a plain linear: nonzeros, ``2 nnz(W)``, storage."""
-    w, b = module.weight, getattr(module, "bias", None)
-    params = _nnz(w) + (0 if b is None else b.numel())
-    nbytes = w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
-    return params, 2.0 * _nnz(w), nbytes
 
 
 def _layer_roles(model, cfg: ExpansionConfig) -> tuple[str, ...]:
@@ -918,278 +895,3 @@ def build_sparse_expansion(
             stacklevel=2,
         )
     return pd.DataFrame.from_records(builder.records, columns=list(SUMMARY_COLUMNS))
-
-
-# ============================================================================================
-# Inspection and accounting
-# ============================================================================================
-
-
-def expanded_modules(model) -> dict[tuple[int, str], ExpertRoutedLinear]:
-    """Every :class:`ExpertRoutedLinear` in the MLPs of ``model``, keyed ``(layer, role)``."""
-    adapter, hf = model.adapter, model.hf_model
-    out = {}
-    for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            if isinstance(module, ExpertRoutedLinear):
-                out[(layer, role)] = module
-    return out
-
-
-def mlp_cost(model) -> dict[str, float]:
-    r"""Per-token FLOPs, stored parameters and bytes of all MLP linears of ``model``.
-
-    * plain linear: :math:`2\,\mathrm{nnz}(W)` FLOPs, :math:`\mathrm{nnz}(W) + |b|` parameters;
-    * :class:`ExpertRoutedLinear`: :meth:`~ExpertRoutedLinear.flops_per_token` (expected over
-      the calibration routing frequencies, router included) and
-      :meth:`~ExpertRoutedLinear.num_parameters` (nonzeros of all experts + router); a router
-      shared by several modules (Llama gate/up) is counted once.
-
-    Returns
-    -------
-    dict
-        ``flops_per_token``, ``params`` (nonzero weights + biases + routers), ``nbytes``
-        (actual storage) and ``dense_params`` (weights + biases of the dense MLP linears).
-    """
-    adapter, hf = model.adapter, model.hf_model
-    flops = 0.0
-    params = 0
-    nbytes = 0
-    dense = 0
-    seen: set[int] = set()
-    for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            if isinstance(module, ExpertRoutedLinear):
-                first = id(module.router) not in seen
-                seen.add(id(module.router))
-                flops += module.flops_per_token(include_router=first)
-                params += module.num_parameters(include_router=first)
-                nbytes += module.nbytes(include_router=first)
-                dense += module.in_features * module.out_features
-                dense += 0 if module.bias is None else module.bias.numel()
-            else:
-                p, f, b = _plain_cost(module)
-                params += p
-                flops += f
-                nbytes += b
-                bias = getattr(module, "bias", None)
-                dense += module.weight.numel() + (0 if bias is None else bias.numel())
-    return {
-        "flops_per_token": flops,
-        "params": int(params),
-        "nbytes": int(nbytes),
-        "dense_params": int(dense),
-    }
-
-
-# ============================================================================================
-# Save / load
-# ============================================================================================
-
-
-def save_expanded(
-    model,
-    path: str | Path,
-    cfg: ExpansionConfig | None = None,
-    *,
-    compact: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the expanded MLP modules of ``model`` to the folder ``path``.
-
-    Files: ``expansion.safetensors`` (tensors keyed ``"{layer}.{role}.{name}"``) and
-    ``expansion.json`` (format tag, base model name, dtype, the :class:`ExpansionConfig`, the
-    module list, and ``extra``).  Only the MLP linears are stored: :func:`apply_expansion`
-    puts them into a freshly loaded base model.
-
-    Parameters
-    ----------
-    model : LoadedModel
-        After :func:`build_sparse_expansion`.
-    path : str or Path
-        Output folder (created; existing files of the same names are overwritten).
-    cfg : ExpansionConfig, optional
-        The build's config, stored in the JSON.  With it, the plain linears of its roles and
-        layers (pruned in place in neuron-level mode) are stored too.
-    compact : bool
-        Store the experts packed (nonzero values + 1-bit masks: 0.53 B/weight at 90% sparsity,
-        2.1 B at 50%, instead of 4).  The in-memory modules are not changed.
-    extra : dict, optional
-        More JSON-serialisable metadata.
-
-    Returns
-    -------
-    Path
-        The folder.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    adapter, hf = model.adapter, model.hf_model
-    layers = range(adapter.n_layers)
-    roles = adapter.roles
-    if cfg is not None:
-        roles = _layer_roles(model, cfg)
-        layers = cfg.layers if cfg.layers is not None else layers
-    tensors: dict[str, Tensor] = {}
-    entries = []
-    router_owner: dict[int, str] = {}
-    storage = None
-    for layer in layers:
-        router_owner.clear()
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            prefix = f"{layer}.{role}."
-            if isinstance(module, ExpertRoutedLinear):
-                storage = storage or ("compact" if module.is_compact else "dense")
-                shared_from = router_owner.get(id(module.router))
-                router_owner.setdefault(id(module.router), role)
-                m = module
-                if compact and not module.is_compact:
-                    m = copy.deepcopy(module).compact()
-                sd = m.state_dict()
-                for key, t in sd.items():
-                    if shared_from is not None and key.startswith("router."):
-                        continue
-                    tensors[prefix + key] = t.detach().cpu().contiguous().clone()
-                entries.append(
-                    {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
-                )
-            elif cfg is not None and role in roles:
-                tensors[prefix + "weight"] = module.weight.detach().cpu().contiguous().clone()
-                if getattr(module, "bias", None) is not None:
-                    tensors[prefix + "bias"] = module.bias.detach().cpu().contiguous().clone()
-                entries.append({"layer": layer, "role": role, "kind": "linear"})
-    if not entries:
-        raise ValueError("the model holds no expanded MLP module to save")
-    save_file(tensors, str(path / _TENSOR_FILE))
-    meta = {
-        "format": EXPANSION_FORMAT,
-        "base_model": model.name,
-        "family": adapter.family,
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "storage": storage or "dense",
-        "config": None if cfg is None else cfg.to_dict(),
-        "modules": entries,
-        "extra": extra or {},
-    }
-    (path / _JSON_FILE).write_text(json.dumps(meta, indent=2))
-    return path
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / _JSON_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} holds no {_JSON_FILE}: not a saved Sparse Expansion")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPANSION_FORMAT:
-        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-    return meta
-
-
-@torch.no_grad()
-def apply_expansion(
-    model, path: str | Path, *, storage: str | None = None, store_routing: bool = False
-) -> ExpansionConfig | None:
-    """Put the modules saved by :func:`save_expanded` into ``model`` (in place).
-
-    Parameters
-    ----------
-    model : LoadedModel
-        The dense base model the expansion was built from (same architecture and sizes).
-    path : str or Path
-        Folder written by :func:`save_expanded`.
-    storage : {"dense", "compact"} or None
-        Storage of the loaded experts; ``None``: as they were when saved.
-    store_routing : bool
-        ``store_routing`` of the loaded modules.
-
-    Returns
-    -------
-    ExpansionConfig or None
-        The stored config.
-
-    Raises
-    ------
-    ValueError
-        For a different architecture family, or mismatched module sizes.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = _read_meta(path)
-    if meta["family"] != model.adapter.family:
-        raise ValueError(
-            f"{path} was built for a {meta['family']} model, not {model.adapter.family}"
-        )
-    storage = storage or meta.get("storage", "dense")
-    if storage not in ("dense", "compact"):
-        raise ValueError(f"storage must be 'dense' or 'compact', got {storage!r}")
-    tensors = load_file(str(path / _TENSOR_FILE))
-    adapter, hf = model.adapter, model.hf_model
-    device, dtype = model.device, model.dtype
-    loaded: dict[tuple[int, str], ExpertRoutedLinear] = {}
-    for entry in meta["modules"]:
-        layer, role = int(entry["layer"]), entry["role"]
-        prefix = f"{layer}.{role}."
-        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if entry["kind"] == "linear":
-            module = adapter.linear(hf, layer, role)
-            w = module.weight
-            if w.shape != sd["weight"].shape:
-                raise ValueError(f"layer {layer} {role!r}: saved weight has shape mismatch")
-            w.copy_(sd["weight"].to(w.device, w.dtype))
-            if "bias" in sd:
-                module.bias.copy_(sd["bias"].to(module.bias.device, module.bias.dtype))
-            continue
-        source = entry.get("router_from")
-        if source is not None:
-            owner = loaded[(layer, source)]
-            sd.update({"router." + k: v for k, v in owner.router.state_dict().items()})
-        module = ExpertRoutedLinear.from_state_dict(sd, store_routing=store_routing)
-        if storage == "dense":
-            module.densify()
-        elif not module.is_compact:
-            module.compact()
-        module = module.to(device=device, dtype=dtype)
-        if source is not None:
-            module.router = loaded[(layer, source)].router
-        replace_linear(model, layer, role, module)
-        loaded[(layer, role)] = module
-    cfg = meta.get("config")
-    return None if cfg is None else ExpansionConfig.from_dict(cfg)
-
-
-def load_expanded(
-    path: str | Path,
-    *,
-    device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype | None = None,
-    storage: str | None = None,
-    store_routing: bool = False,
-):
-    """Load the base model named in ``path``'s JSON and apply the saved expansion.
-
-    Parameters
-    ----------
-    path : str or Path
-        Folder written by :func:`save_expanded`.
-    device, dtype :
-        Passed to :func:`~wasserstein_neurons.models.load_model` (``dtype=None``: the saved
-        model's dtype).
-    storage, store_routing :
-        See :func:`apply_expansion`.
-
-    Returns
-    -------
-    tuple[LoadedModel, ExpansionConfig or None]
-    """
-    from ..models import load_model
-
-    meta = _read_meta(Path(path))
-    model = load_model(meta["base_model"], device=device, dtype=dtype or meta["dtype"])
-    cfg = apply_expansion(model, path, storage=storage, store_routing=store_routing)
-    return model, cfg

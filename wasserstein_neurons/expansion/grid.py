@@ -52,9 +52,9 @@ from .builder import (
     ExpansionConfig,
     _sdpa_forward,
     build_sparse_expansion,
-    mlp_cost,
-    save_expanded,
 )
+from .cost import mlp_cost
+from .io import save_expanded
 
 __all__ = [
     "BASELINES",
