@@ -68,48 +68,14 @@ def save_expanded(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    adapter, hf = model.adapter, model.hf_model
-    layers = range(adapter.n_layers)
-    roles = adapter.roles
-    if cfg is not None:
-        roles = _layer_roles(model, cfg)
-        layers = cfg.layers if cfg.layers is not None else layers
-    tensors: dict[str, Tensor] = {}
-    entries = []
-    router_owner: dict[int, str] = {}
-    storage = None
-    for layer in layers:
-        router_owner.clear()
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            prefix = f"{layer}.{role}."
-            if isinstance(module, ExpertRoutedLinear):
-                storage = storage or ("compact" if module.is_compact else "dense")
-                shared_from = router_owner.get(id(module.router))
-                router_owner.setdefault(id(module.router), role)
-                m = module
-                if compact and not module.is_compact:
-                    m = copy.deepcopy(module).compact()
-                sd = m.state_dict()
-                for key, t in sd.items():
-                    if shared_from is not None and key.startswith("router."):
-                        continue
-                    tensors[prefix + key] = t.detach().cpu().contiguous().clone()
-                entries.append(
-                    {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
-                )
-            elif cfg is not None and role in roles:
-                tensors[prefix + "weight"] = module.weight.detach().cpu().contiguous().clone()
-                if getattr(module, "bias", None) is not None:
-                    tensors[prefix + "bias"] = module.bias.detach().cpu().contiguous().clone()
-                entries.append({"layer": layer, "role": role, "kind": "linear"})
+    tensors, entries, storage = _expansion_tensors(model, cfg, compact)
     if not entries:
         raise ValueError("the model holds no expanded MLP module to save")
     save_file(tensors, str(path / _TENSOR_FILE))
     meta = {
         "format": EXPANSION_FORMAT,
         "base_model": model.name,
-        "family": adapter.family,
+        "family": model.adapter.family,
         "dtype": str(model.dtype).replace("torch.", ""),
         "storage": storage or "dense",
         "config": None if cfg is None else cfg.to_dict(),
@@ -118,6 +84,74 @@ def save_expanded(
     }
     (path / _JSON_FILE).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def _expansion_tensors(
+    model, cfg: ExpansionConfig | None, compact: bool
+) -> tuple[dict[str, Tensor], list[dict[str, Any]], str | None]:
+    """Tensors and module entries that :func:`save_expanded` writes.
+
+    Returns
+    -------
+    tensors : dict
+        CPU copies keyed ``"{layer}.{role}.{name}"``: the state dict of every expanded module
+        (packed with ``compact``; a router shared with an earlier role of the layer is left
+        out) and, with ``cfg``, the ``weight``/``bias`` of the plain linears of its roles.
+    entries : list of dict
+        ``{"layer", "role", "kind": "experts", "router_from"}`` or ``{..., "kind": "linear"}``.
+    storage : {"dense", "compact"} or None
+        Storage of the first expanded module in memory (``None``: none).
+    """
+    adapter, hf = model.adapter, model.hf_model
+    layers = range(adapter.n_layers)
+    roles = adapter.roles
+    if cfg is not None:
+        roles = _layer_roles(model, cfg)
+        layers = cfg.layers if cfg.layers is not None else layers
+    tensors: dict[str, Tensor] = {}
+    entries = []
+    storage = None
+    for layer in layers:
+        router_owner: dict[int, str] = {}
+        for role in adapter.roles:
+            module = adapter.linear(hf, layer, role)
+            prefix = f"{layer}.{role}."
+            if isinstance(module, ExpertRoutedLinear):
+                storage = storage or ("compact" if module.is_compact else "dense")
+                shared_from = router_owner.get(id(module.router))
+                router_owner.setdefault(id(module.router), role)
+                tensors.update(_expert_tensors(module, prefix, compact, shared_from is None))
+                entries.append(
+                    {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
+                )
+            elif cfg is not None and role in roles:
+                tensors[prefix + "weight"] = _cpu_copy(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    tensors[prefix + "bias"] = _cpu_copy(module.bias)
+                entries.append({"layer": layer, "role": role, "kind": "linear"})
+    return tensors, entries, storage
+
+
+def _expert_tensors(
+    module: ExpertRoutedLinear, prefix: str, compact: bool, with_router: bool
+) -> dict[str, Tensor]:
+    """CPU copy of ``module``'s state dict, keys under ``prefix``.
+
+    With ``compact`` the experts are packed (on a copy: ``module`` is unchanged); without
+    ``with_router`` the ``router.*`` entries are left out.
+    """
+    if compact and not module.is_compact:
+        module = copy.deepcopy(module).compact()
+    return {
+        prefix + key: _cpu_copy(t)
+        for key, t in module.state_dict().items()
+        if with_router or not key.startswith("router.")
+    }
+
+
+def _cpu_copy(t: Tensor) -> Tensor:
+    """A contiguous CPU copy of ``t``, detached (owns its memory)."""
+    return t.detach().cpu().contiguous().clone()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
