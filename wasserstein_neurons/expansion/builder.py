@@ -18,6 +18,11 @@ inputs :math:`X \in \mathbb{R}^{N \times d_{in}}`:
    :math:`y = W_{e(x)} x + b` in place of the linear (through the TransformerLens bridge, so
    hooks such as ``blocks.{l}.mlp.hook_pre`` report the expanded outputs).
 
+Steps 1-2 are :class:`~wasserstein_neurons.expansion.expert_pruning.GroupExperts`; this module
+collects the inputs layer by layer, installs the modules and writes the summary.  Cost
+accounting is in :mod:`~wasserstein_neurons.expansion.cost`, save / load in
+:mod:`~wasserstein_neurons.expansion.io`.
+
 Llama's ``gate`` and ``up`` read the same input: they share one router object and each
 cluster's Hessian, and the router is counted once in FLOPs and parameters.  ``down`` has its
 own router, fitted on its input, the intermediate activation.  GPT-NeoX / GPT-2 have one router
@@ -88,7 +93,6 @@ Disentanglement", arXiv:2405.15756.  E. Frantar, D. Alistarh, "SparseGPT", arXiv
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -100,12 +104,13 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..pruning import PruneSpec, SparseGPTPruner, sequential_layerwise
+from ..pruning import PruneSpec, sequential_layerwise
 from ..pruning.sequential import LayerContext
-from .cost import _plain_cost, expanded_modules
+from .cost import expanded_modules, linear_costs
 from .expert_linear import ExpertRoutedLinear
+from .expert_pruning import GroupExperts, hessian_pruner, prune_in_place
 from .replace import replace_linear
-from .router import Router, SmallClusterWarning, fit_router
+from .router import SmallClusterWarning
 
 __all__ = [
     "DEFAULT_KMEANS_RESTARTS",
@@ -119,9 +124,6 @@ __all__ = [
 #: with 10 (inertia -0.1% / -0.9%); a 1536-d one 6.9 / 7.7 / 10.2 s (PCA dominates).  Five
 #: restarts keep the routers of a 30-layer model under 5 minutes (the paper used 100).
 DEFAULT_KMEANS_RESTARTS = 5
-
-#: Rows per ``add_batch`` call when a cluster's tokens are fed to its Hessian (k > 1).
-_HESSIAN_CHUNK = 16384
 
 #: Columns of the DataFrame returned by :func:`build_sparse_expansion`.
 SUMMARY_COLUMNS = (
@@ -315,20 +317,6 @@ class _StopLayer(Exception):
 
 
 @contextmanager
-def _cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
-    """Temporarily use ``n`` torch threads on CPU (process-wide while active)."""
-    if n is None or device.type != "cpu" or torch.get_num_threads() == n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextmanager
 def _sdpa_forward(model) -> Iterator[bool]:
     """Native HF modules + sdpa attention for the duration (yields whether it is active)."""
     from ..evaluate import has_bridge_modules, native_modules
@@ -410,34 +398,6 @@ def _collect(
             f"{n} calibration tokens (never called by the layer's forward?)"
         )
     return bufs, bounds
-
-
-@torch.no_grad()
-def _route(router: Router, x: Tensor, chunk: int = 16384) -> Tensor:
-    """``router.route`` over ``x: [n, d]`` in chunks (bounded temporaries) -> ``[n]``."""
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = router.route(x[i : i + chunk]).to(x.device)
-    return out
-
-
-@torch.no_grad()
-def _hessian(x: Tensor, bounds: list[int], device) -> SparseGPTPruner:
-    r"""SparseGPT pruner with :math:`H = \frac{2}{N} X^\top X` over all tokens of ``x``.
-
-    Tokens are fed batch by batch in calibration order (``bounds``), i.e. exactly the
-    ``add_batch`` sequence of :func:`sequential_prune`, so the Hessian is bit-identical.
-    """
-    pruner = SparseGPTPruner(x.shape[1], device=device)
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        pruner.add_batch(x[a:b])
-    return pruner
-
-
-def _trace_quad(d: Tensor, H: Tensor) -> float:
-    r""":math:`\mathrm{tr}(D H D^\top)` (float32 product, float64 sum)."""
-    d = d.to(device=H.device, dtype=H.dtype)
-    return float(((d @ H) * d).sum(dtype=torch.float64))
 
 
 def _layer_roles(model, cfg: ExpansionConfig) -> tuple[str, ...]:
@@ -538,10 +498,9 @@ class _Builder:
         """Expand (or prune once) the roles of ``group``, which all read ``inputs[group[0]]``.
 
         The input ``[N, d_in]`` is popped from ``inputs`` so that it is freed as soon as the
-        cluster-sorted copy exists.
+        cluster-sorted copy exists.  Appends one summary record per role.
         """
-        cfg, model = self.cfg, self.model
-        adapter, hf = model.adapter, model.hf_model
+        adapter, hf = self.model.adapter, self.model.hf_model
         layer = ctx.index
         n_tokens, d_in = inputs[group[0]].shape
         t_group = time.perf_counter()
@@ -555,64 +514,52 @@ class _Builder:
         if expanded:
             stats = self._expand(ctx, expanded, weights, rows, inputs.pop(group[0]), bounds)
         else:  # neuron-level mode: prune once with the whole layer's Hessian
-            full = _hessian(inputs.pop(group[0]), bounds, ctx.device)
-            stats = {r: self._prune_once(weights[r], full) for r in group}
+            full = hessian_pruner(inputs.pop(group[0]), bounds, ctx.device)
+            stats = {r: prune_in_place(weights[r], full, self.cfg) for r in group}
             del full
         seconds = time.perf_counter() - t_group
+        modules = [adapter.linear(hf, layer, r) for r in group]
+        for r, cost in zip(group, linear_costs(modules), strict=True):
+            shape = {"layer": layer, "role": r, "d_in": d_in, "d_out": weights[r].shape[0]}
+            self.records.append(self._record(shape, n_tokens, stats[r], cost, seconds / len(group)))
 
-        first_router = True
-        for r in group:
-            module = adapter.linear(hf, layer, r)
-            if isinstance(module, ExpertRoutedLinear):
-                params = module.num_parameters(include_router=first_router)
-                flops = module.flops_per_token(include_router=first_router)
-                nbytes = module.nbytes(include_router=first_router)
-                first_router = False
-            else:
-                params, flops, nbytes = _plain_cost(module)
-            s = stats[r]
-            self.records.append(
-                {
-                    "layer": layer,
-                    "role": r,
-                    "experts": s.get("experts", 1),
-                    "expert_rows": s.get("expert_rows", 0),
-                    "d_in": d_in,
-                    "d_out": weights[r].shape[0],
-                    "n_tokens": n_tokens,
-                    "pca_dim": s.get("pca_dim", 0),
-                    "cluster_min": s.get("cluster_min", n_tokens),
-                    "cluster_max": s.get("cluster_max", n_tokens),
-                    "small_clusters": s.get("small_clusters", 0),
-                    "fallbacks": s.get("fallbacks", 0),
-                    "target_sparsity": cfg.target_sparsity,
-                    "sparsity": s["sparsity"],
-                    "rel_error": s["rel_error"],
-                    "router_seconds": s.get("router_seconds", 0.0),
-                    "prune_seconds": s["prune_seconds"],
-                    "seconds": seconds / len(group),
-                    "params": params,
-                    "flops_per_token": flops,
-                    "nbytes": nbytes,
-                }
-            )
+    def _record(
+        self,
+        shape: dict[str, Any],
+        n_tokens: int,
+        s: dict[str, Any],
+        cost: tuple[int, float, int],
+        seconds: float,
+    ) -> dict[str, Any]:
+        """One summary row (:data:`SUMMARY_COLUMNS`) from the stats ``s`` of a linear.
 
-    def _prune_once(self, w: Tensor, pruner: SparseGPTPruner) -> dict[str, Any]:
-        """SparseGPT on all tokens, written into the linear in place (neuron-level mode)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        w0 = w.clone() if cfg.measure_error else None
-        with _cpu_threads(cfg.cpu_threads, w.device):
-            res = pruner.prune(w, cfg.spec())
-            w.copy_(res.weight)
-            rel = float("nan")
-            if w0 is not None:
-                den = _trace_quad(w0, pruner.H)
-                rel = math.sqrt(max(_trace_quad(w0 - w, pruner.H), 0.0) / den) if den > 0 else rel
+        ``shape`` holds ``layer``, ``role``, ``d_in``, ``d_out``; ``cost`` is ``(params,
+        flops_per_token, nbytes)``.  Stats missing for a linear pruned once default to one
+        expert holding all ``n_tokens``.
+        """
+        params, flops, nbytes = cost
         return {
-            "sparsity": res.sparsity,
-            "rel_error": rel,
-            "prune_seconds": time.perf_counter() - t0,
+            "layer": shape["layer"],
+            "role": shape["role"],
+            "experts": s.get("experts", 1),
+            "expert_rows": s.get("expert_rows", 0),
+            "d_in": shape["d_in"],
+            "d_out": shape["d_out"],
+            "n_tokens": n_tokens,
+            "pca_dim": s.get("pca_dim", 0),
+            "cluster_min": s.get("cluster_min", n_tokens),
+            "cluster_max": s.get("cluster_max", n_tokens),
+            "small_clusters": s.get("small_clusters", 0),
+            "fallbacks": s.get("fallbacks", 0),
+            "target_sparsity": self.cfg.target_sparsity,
+            "sparsity": s["sparsity"],
+            "rel_error": s["rel_error"],
+            "router_seconds": s.get("router_seconds", 0.0),
+            "prune_seconds": s["prune_seconds"],
+            "seconds": seconds,
+            "params": params,
+            "flops_per_token": flops,
+            "nbytes": nbytes,
         }
 
     def _expand(
@@ -631,152 +578,52 @@ class _Builder:
         (one permuted copy of ``x``, after which ``x`` is released) and each cluster's
         contiguous slice is fed at once.  The whole-layer Hessian, needed by fallback experts
         and by the shared rows of neuron-level expansion, is then
-        :math:`H = \frac{1}{N} \sum_c N_c H_c` (no extra pass over the tokens).
+        :math:`H = \frac{1}{N} \sum_c N_c H_c` (no extra pass over the tokens).  See
+        :class:`~wasserstein_neurons.expansion.expert_pruning.GroupExperts`.
+
+        Returns
+        -------
+        dict
+            Summary stats of every role in ``names``.
         """
-        cfg, model = self.cfg, self.model
-        layer, dev = ctx.index, ctx.device
-        n_tokens, d_in = x.shape
-        k = cfg.n_experts
-
-        # ---- router and clusters
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SmallClusterWarning)  # summarised by the builder
-            router = fit_router(
-                x,
-                k,
-                pca_factor=cfg.pca_factor,
-                restarts=cfg.kmeans_restarts,
-                seed=cfg.seed,
-                device=dev,
-                min_cluster_tokens=0,
-            )
-        if k == 1:
-            counts = torch.tensor([n_tokens])
-            xs, starts = x, None
-        else:
-            labels = _route(router, x)
-            counts = torch.bincount(labels, minlength=k).cpu()
-            xs = x.index_select(0, torch.argsort(labels, stable=True))  # grouped by cluster
-            del labels
-            starts = [0, *torch.cumsum(counts, 0).tolist()]
-        del x
-        router.counts.copy_(counts.to(router.counts.device))
-        router_s = time.perf_counter() - t0
-        min_tokens = 2 * d_in if cfg.min_cluster_tokens is None else cfg.min_cluster_tokens
-        n_small = int((counts < min_tokens).sum()) if min_tokens > 0 else 0
-        if n_small:
+        layer, k = ctx.index, self.cfg.n_experts
+        experts = GroupExperts(self.cfg, ctx.device, names, weights, rows)
+        xs, starts = experts.cluster(x)
+        del x  # k > 1: only the cluster-sorted copy is kept
+        if experts.n_small:
+            counts = experts.counts
             self.small.append(
-                f"layer {layer} {'/'.join(names)}: {n_small} of {k} clusters "
-                f"< {min_tokens} tokens (min {int(counts.min())})"
+                f"layer {layer} {'/'.join(names)}: {experts.n_small} of {k} clusters "
+                f"< {experts.min_tokens} tokens (min {int(counts.min())})"
             )
-
-        # ---- experts
-        experts = {
-            r: torch.empty(
-                k,
-                weights[r].shape[0] if rows[r] is None else rows[r].numel(),
-                d_in,
-                dtype=weights[r].dtype,
-                device=weights[r].device,
-            )
-            for r in names
-        }
-        num = dict.fromkeys(names, 0.0)
-        zeros = dict.fromkeys(names, 0)
-        H_sum: Tensor | None = None  # sum_c N_c H_c = 2 X^T X
-        full: SparseGPTPruner | None = None
-        min_expert = max(1, cfg.min_expert_tokens)
-        fallbacks = [c for c in range(k) if int(counts[c]) < min_expert]
-        tiny: dict[int, SparseGPTPruner] = {}
         t_prune = time.perf_counter()
-
-        def prune_expert(c: int, pruner: SparseGPTPruner, own: SparseGPTPruner | None) -> None:
-            with _cpu_threads(cfg.cpu_threads, dev):
-                for r in names:
-                    res = pruner.prune(weights[r], cfg.spec(rows[r]))
-                    sel = res.weight if rows[r] is None else res.weight[rows[r]]
-                    experts[r][c] = sel
-                    zeros[r] += int((sel == 0).sum())
-                    if cfg.measure_error and own is not None:
-                        w0 = weights[r] if rows[r] is None else weights[r][rows[r]]
-                        num[r] += own.nsamples * _trace_quad(w0 - sel, own.H)
-
-        for c in range(k):
-            n_c = int(counts[c])
-            if n_c == 0:
-                continue
-            if starts is None:
-                own = _hessian(xs, bounds, dev)
-                full = own
-            else:
-                own = SparseGPTPruner(d_in, device=dev)
-                for a in range(starts[c], starts[c + 1], _HESSIAN_CHUNK):
-                    own.add_batch(xs[a : min(a + _HESSIAN_CHUNK, starts[c + 1])])
-            H_sum = own.H * n_c if H_sum is None else H_sum.add_(own.H, alpha=n_c)
-            if c not in fallbacks:
-                prune_expert(c, own, own)
-            elif cfg.measure_error:  # a tiny cluster: its error is measured on its own tokens
-                tiny[c] = own
-            del own
+        experts.prune_clusters(xs, starts, bounds)
         del xs
-
-        def full_pruner() -> SparseGPTPruner:
-            nonlocal full
-            if full is None:
-                full = SparseGPTPruner.from_hessian(H_sum / n_tokens, nsamples=n_tokens)
-            return full
-
-        for c in fallbacks:
-            prune_expert(c, full_pruner(), tiny.pop(c, None))
-        if fallbacks:
-            self.fallback.append(f"layer {layer} {'/'.join(names)}: {len(fallbacks)} of {k}")
-        prune_s = time.perf_counter() - t_prune
-
-        # ---- modules
-        out: dict[str, dict[str, Any]] = {}
-        for r in names:
-            t0 = time.perf_counter()
-            w = weights[r]
-            bias = getattr(model.adapter.linear(model.hf_model, layer, r), "bias", None)
-            n_rows = experts[r].shape[1]
-            shared = None
-            shared_zeros = 0
-            if rows[r] is not None:
-                keep = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
-                keep[rows[r]] = False
-                with _cpu_threads(cfg.cpu_threads, dev):
-                    shared = full_pruner().prune(w, cfg.spec(keep)).weight
-                    shared_zeros = int((shared[keep] == 0).sum())
-                    if cfg.measure_error:
-                        num[r] += _trace_quad((w - shared)[keep], H_sum)
-            den = _trace_quad(w, H_sum) if cfg.measure_error else 0.0
-            module = ExpertRoutedLinear(
-                experts.pop(r),
-                router,
-                None if bias is None else bias.detach(),
-                rows=rows[r],
-                shared_weight=shared,
-                store_routing=cfg.store_routing,
+        experts.prune_fallbacks()
+        if experts.fallbacks:
+            self.fallback.append(
+                f"layer {layer} {'/'.join(names)}: {len(experts.fallbacks)} of {k}"
             )
-            self._install(layer, r, module)
-            if cfg.compact:
-                self.to_compact.append(module)
-            total = k * n_rows * d_in + (w.shape[0] - n_rows) * d_in
-            out[r] = {
-                "experts": k,
-                "expert_rows": n_rows,
-                "pca_dim": router.pca_dim if router.uses_pca else 0,
-                "cluster_min": int(counts.min()),
-                "cluster_max": int(counts.max()),
-                "small_clusters": n_small,
-                "fallbacks": len(fallbacks),
-                "sparsity": (zeros[r] + shared_zeros) / max(total, 1),
-                "rel_error": math.sqrt(max(num[r], 0.0) / den) if den > 0 else float("nan"),
-                "router_seconds": router_s,
-                "prune_seconds": prune_s / len(names) + time.perf_counter() - t0,
-            }
-        return out
+        prune_s = time.perf_counter() - t_prune
+        return {r: self._install_experts(layer, r, experts, prune_s / len(names)) for r in names}
+
+    def _install_experts(
+        self, layer: int, role: str, experts: GroupExperts, prune_s: float
+    ) -> dict[str, Any]:
+        """Build and install the module of ``role``; returns its stats.
+
+        ``prune_s`` is the role's share of the group's expert pruning time.
+        """
+        t0 = time.perf_counter()
+        model = self.model
+        bias = getattr(model.adapter.linear(model.hf_model, layer, role), "bias", None)
+        module = experts.module(role, bias)
+        self._install(layer, role, module)
+        if self.cfg.compact:
+            self.to_compact.append(module)
+        stats = experts.stats(role)
+        stats["prune_seconds"] = prune_s + time.perf_counter() - t0
+        return stats
 
 
 def build_sparse_expansion(
