@@ -676,28 +676,10 @@ def build_sparse_expansion(
     docstring for the within-layer order, the ``k = 1`` equivalence with SparseGPT and memory.
     """
     cfg = cfg or ExpansionConfig()
-    roles = _layer_roles(model, cfg)
-    if not roles:
-        raise ValueError("no MLP linear to expand (empty roles)")
+    roles = _check_expandable(model, cfg)
     layers = cfg.layers
-    if cfg.neuron_rows is not None:
-        bad = [layer for layer in cfg.neuron_rows if not 0 <= layer < model.adapter.n_layers]
-        if bad:
-            raise ValueError(f"neuron_rows has layers out of range: {bad}")
     adapter, hf = model.adapter, model.hf_model
-    done = [key for key in expanded_modules(model) if key[1] in roles]
-    if done:
-        raise ValueError(
-            f"the model is already expanded ({len(done)} expert modules, e.g. layer "
-            f"{done[0][0]} {done[0][1]!r}); start from a freshly loaded dense model"
-        )
-    # the bridge wrappers (LinearBridge) of every MLP linear, caught before native_modules()
-    # detaches them: replacements must go into them too
-    holders = {
-        (layer, role): getattr(adapter.mlp(hf, layer), adapter.spec(role).hf_attr)
-        for layer in range(adapter.n_layers)
-        for role in roles
-    }
+    holders = _bridge_holders(model, roles)
     sdpa_ctx = _sdpa_forward(model) if cfg.sdpa else nullcontext(False)
     with sdpa_ctx:
         from ..evaluate import has_bridge_modules
@@ -722,23 +704,65 @@ def build_sparse_expansion(
                 "(bridge wrapper restored over it?)"
             )
     if builder.small or builder.fallback:
-        msg = []
-        if builder.small:
-            msg.append(
-                f"{len(builder.small)} expanded linear(s) have clusters with few calibration "
-                f"tokens ({'; '.join(builder.small[:4])}{' ...' if len(builder.small) > 4 else ''}"
-                "): their experts' Hessians are poorly estimated — use more calibration windows "
-                "(--nsamples) or fewer experts"
-            )
-        if builder.fallback:
-            msg.append(
-                f"empty clusters fell back to the whole-layer Hessian in "
-                f"{'; '.join(builder.fallback[:4])}{' ...' if len(builder.fallback) > 4 else ''}"
-            )
-        warnings.warn(
-            "sparse expansion: " + ". ".join(msg) + " (see the summary's small_clusters / "
-            "fallbacks columns)",
-            SmallClusterWarning,
-            stacklevel=2,
-        )
+        _warn_small_clusters(builder.small, builder.fallback)
     return pd.DataFrame.from_records(builder.records, columns=list(SUMMARY_COLUMNS))
+
+
+def _check_expandable(model, cfg: ExpansionConfig) -> tuple[str, ...]:
+    """The roles to expand (forward order); raises ``ValueError`` for a bad config or a model
+    whose linears of those roles are already expanded."""
+    roles = _layer_roles(model, cfg)
+    if not roles:
+        raise ValueError("no MLP linear to expand (empty roles)")
+    if cfg.neuron_rows is not None:
+        bad = [layer for layer in cfg.neuron_rows if not 0 <= layer < model.adapter.n_layers]
+        if bad:
+            raise ValueError(f"neuron_rows has layers out of range: {bad}")
+    done = [key for key in expanded_modules(model) if key[1] in roles]
+    if done:
+        raise ValueError(
+            f"the model is already expanded ({len(done)} expert modules, e.g. layer "
+            f"{done[0][0]} {done[0][1]!r}); start from a freshly loaded dense model"
+        )
+    return roles
+
+
+def _bridge_holders(model, roles: Sequence[str]) -> dict[tuple[int, str], Any]:
+    """The MLP attribute of every ``(layer, role)`` linear: with a bridge, its ``LinearBridge``.
+
+    Caught before :func:`~wasserstein_neurons.evaluate.native_modules` detaches the bridge
+    wrappers: replacements must go into them too (:meth:`_Builder._install`).
+    """
+    adapter, hf = model.adapter, model.hf_model
+    return {
+        (layer, role): getattr(adapter.mlp(hf, layer), adapter.spec(role).hf_attr)
+        for layer in range(adapter.n_layers)
+        for role in roles
+    }
+
+
+def _warn_small_clusters(small: list[str], fallback: list[str]) -> None:
+    """One :class:`SmallClusterWarning` for :func:`build_sparse_expansion`'s caller.
+
+    ``small`` lists the linears with clusters below ``min_cluster_tokens``, ``fallback`` those
+    whose experts fell back to the whole-layer Hessian (at most four of each are named).
+    """
+
+    def some(items: list[str]) -> str:
+        return "; ".join(items[:4]) + (" ..." if len(items) > 4 else "")
+
+    msg = []
+    if small:
+        msg.append(
+            f"{len(small)} expanded linear(s) have clusters with few calibration tokens "
+            f"({some(small)}): their experts' Hessians are poorly estimated — use more "
+            "calibration windows (--nsamples) or fewer experts"
+        )
+    if fallback:
+        msg.append(f"empty clusters fell back to the whole-layer Hessian in {some(fallback)}")
+    warnings.warn(
+        "sparse expansion: " + ". ".join(msg) + " (see the summary's small_clusters / "
+        "fallbacks columns)",
+        SmallClusterWarning,
+        stacklevel=3,  # the caller of build_sparse_expansion
+    )
