@@ -399,6 +399,11 @@ class ExpertRoutedLinear(nn.Module):
             self.shared_packed = None
         return self
 
+    @property
+    def _n_expert_rows(self) -> int:
+        """Rows ``r`` with expert-specific weights (``out_features`` without ``rows``)."""
+        return self.out_features if self.rows is None else self.rows.numel()
+
     def _expert_rows(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
         """Expert ``e``'s ``[r, in]`` expert-specific rows."""
         if self.is_compact:
@@ -467,7 +472,7 @@ class ExpertRoutedLinear(nn.Module):
             y = y_exp
         else:
             y = xf.new_empty(xf.shape[0], self.out_features)
-            y = y.index_copy(1, self.shared_rows, self._shared_matmul(xf))
+            y = y.index_copy(1, self.shared_rows, xf @ self._shared(xf.dtype).T)
             y = y.index_copy(1, self.rows, y_exp)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -476,14 +481,8 @@ class ExpertRoutedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _matmul(self, e: int, x: Tensor) -> Tensor:
-        if self.is_compact:
-            return x @ self.weights_packed.dense(e, x.dtype).T
-        return x @ self.weights[e].to(x.dtype).T
-
-    def _shared_matmul(self, x: Tensor) -> Tensor:
-        if self.shared_packed is not None:
-            return x @ self.shared_packed.dense(0, x.dtype).T
-        return x @ self.shared_weight.to(x.dtype).T
+        """``x [n, in] @ W_e^T`` over expert ``e``'s expert rows -> ``[n, r]``."""
+        return x @ self._expert_rows(e, x.dtype).T
 
     def _experts_forward(self, xf: Tensor, ids: Tensor) -> Tensor:
         """``y_t = W_{ids[t]} x_t`` for ``xf: [n, in]`` → ``[n, r]`` (no bias)."""
@@ -507,7 +506,7 @@ class ExpertRoutedLinear(nn.Module):
                 start += counts[e]
             ys = torch.cat(parts)
         else:  # inference: write each expert's block in place (no concatenation copy)
-            r = self.out_features if self.rows is None else self.rows.numel()
+            r = self._n_expert_rows
             ys = xf.new_empty(n, r)
             start = 0
             for e in used:
@@ -545,7 +544,7 @@ class ExpertRoutedLinear(nn.Module):
         if nonzero_only:
             n = int(self.nnz_per_expert().sum()) + self.shared_nnz()
         else:
-            r = self.out_features if self.rows is None else self.rows.numel()
+            r = self._n_expert_rows
             n = self.n_experts * r * self.in_features
             n += (self.out_features - r) * self.in_features
         for b in (self.bias, self.expert_bias):
