@@ -106,7 +106,11 @@ from torch import Tensor, nn
 
 from ..pruning import PruneSpec, sequential_layerwise
 from ..pruning.sequential import LayerContext
-from .cost import expanded_modules, linear_costs
+from .cost import (
+    expanded_modules,
+    linear_costs,
+    mlp_cost,  # noqa: F401 - old home, still imported from here by experiments/
+)
 from .expert_linear import ExpertRoutedLinear
 from .expert_pruning import GroupExperts, hessian_pruner, prune_in_place
 from .replace import replace_linear
