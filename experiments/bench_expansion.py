@@ -90,7 +90,7 @@ def worker(args) -> None:
 
     from wasserstein_neurons.data import calibration_windows, evaluation_windows, load_tokens
     from wasserstein_neurons.evaluate import perplexity
-    from wasserstein_neurons.expansion.builder import (
+    from wasserstein_neurons.expansion import (
         ExpansionConfig,
         build_sparse_expansion,
         mlp_cost,

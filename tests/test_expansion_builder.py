@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import make_config, make_tiny_model, make_tokenizer
 
+from wasserstein_neurons.bridge import native_sdpa
 from wasserstein_neurons.evaluate import perplexity
-from wasserstein_neurons.expansion import ExpertRoutedLinear, SmallClusterWarning
-from wasserstein_neurons.expansion.builder import (
-    SUMMARY_COLUMNS,
+from wasserstein_neurons.expansion import EXPANSION_SUMMARY_COLUMNS as SUMMARY_COLUMNS
+from wasserstein_neurons.expansion import (
     ExpansionConfig,
-    _sdpa_forward,
+    ExpertRoutedLinear,
+    SmallClusterWarning,
     apply_expansion,
     build_sparse_expansion,
     expanded_modules,
@@ -85,7 +86,7 @@ def test_one_expert_is_sparsegpt_exactly(sdpa, within):
     se, ref = make_tiny_model("llama"), make_tiny_model("llama")
     summary = build(se, n_experts=1, sparsity=0.5, sdpa=sdpa, within_layer_sequential=within)
     # the same pipeline: same thread count (SparseGPT's rounding depends on it) and attention
-    with threads(1), _sdpa_forward(ref) if sdpa else nullcontext():
+    with threads(1), native_sdpa(ref.hf_model) if sdpa else nullcontext():
         sequential_prune(
             ref,
             windows(),

@@ -64,7 +64,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import run_hooked
-from .expansion import DEFAULT_KMEANS_RESTARTS, fit_router
+from .expansion import DEFAULT_KMEANS_RESTARTS, fit_router, prune_experts
 from .pruning import PruneSpec, SparseGPTPruner
 from .ranking import check_percent, count_for_percent
 from .wasserstein import neuron_statistics, wasserstein_between, wasserstein_to_gaussian
@@ -443,64 +443,6 @@ def routed_outputs(
         if idx.numel():
             out[idx.numpy()] = linear_outputs(x[idx], w, bias, device=device)
     return out
-
-
-@torch.no_grad()
-def prune_experts(
-    weight: Tensor,
-    x: Tensor,
-    labels: Tensor,
-    n_clusters: int,
-    spec: PruneSpec,
-    full_hessian: Tensor | None = None,
-    device=None,
-    chunk: int = _ROW_CHUNK,
-) -> tuple[list[Tensor], list[int]]:
-    r"""One SparseGPT expert per cluster, each pruned with its own cluster's Hessian.
-
-    Expert :math:`c` is :math:`W` pruned by SparseGPT with
-    :math:`H_c = \tfrac{2}{N_c} \sum_{t \in S_c} x_t x_t^\top` (:class:`SparseGPTPruner`); a
-    cluster with no calibration token uses ``full_hessian`` (the Hessian of all tokens)
-    instead, i.e. its expert is the SparseGPT baseline.
-
-    Parameters
-    ----------
-    weight : Tensor, shape ``[d_out, d_in]``
-        Dense weight (not modified).
-    x : Tensor, shape ``[tokens, d_in]``
-        Calibration inputs.
-    labels : LongTensor, shape ``[tokens]``
-        Cluster of each calibration token.
-    n_clusters : int
-    spec : PruneSpec
-    full_hessian : Tensor, shape ``[d_in, d_in]``, optional
-        Needed only if a cluster is empty.
-    device : torch.device or str, optional
-        Where Hessians are accumulated and pruning runs (default ``weight``'s device).
-
-    Returns
-    -------
-    experts : list of ``n_clusters`` Tensors, shape ``[d_out, d_in]`` (float32)
-    counts : list of int
-        Calibration tokens per cluster.
-    """
-    device = weight.device if device is None else torch.device(device)
-    w = weight.detach().to(device=device, dtype=torch.float32)
-    labels = torch.as_tensor(labels).cpu().long()
-    experts, counts = [], []
-    for c in range(n_clusters):
-        idx = (labels == c).nonzero().flatten()
-        counts.append(int(idx.numel()))
-        if idx.numel() == 0:
-            if full_hessian is None:
-                raise ValueError(f"cluster {c} is empty and no full_hessian was given")
-            pruner = SparseGPTPruner.from_hessian(full_hessian.to(device), nsamples=x.shape[0])
-        else:
-            pruner = SparseGPTPruner(w.shape[1], device=device)
-            for i in range(0, idx.numel(), chunk):
-                pruner.add_batch(x[idx[i : i + chunk]])
-        experts.append(pruner.prune(w, spec).weight)
-    return experts, counts
 
 
 @torch.no_grad()

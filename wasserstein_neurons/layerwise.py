@@ -161,7 +161,7 @@ def target_weight(model, layer: int, role: str) -> Tensor:
 
 
 class _StopForward(Exception):
-    """Raised by the pre-hook on decoder layer 0 once its inputs are caught."""
+    """Raised by a hook once it has what it needs (layer 0's inputs, a module's input)."""
 
 
 def _catch_layer0(hf: nn.Module, layer0: nn.Module, ids: Tensor) -> tuple[Tensor, tuple, dict]:
@@ -327,6 +327,7 @@ class LayerContext:
         input_hooks: Mapping[nn.Module, Callable[[Tensor], None]] | None = None,
         output_hooks: Mapping[nn.Module, Callable[[Tensor], None]] | None = None,
         batches: Iterable[int] | None = None,
+        stop: bool = False,
     ) -> None:
         """Run the layer over the calibration batches, feeding hooks; outputs are discarded.
 
@@ -340,6 +341,8 @@ class LayerContext:
             ``fn(y)`` is called with the module's output (the first element of a tuple).
         batches : iterable of int, optional
             Batch indices to run (default all).
+        stop : bool
+            A hook may end a batch's forward early by raising ``_StopForward``.
         """
         handles = []
         try:
@@ -354,7 +357,11 @@ class LayerContext:
                     module.register_forward_hook(lambda m, a, o, fn=fn: fn(_first_output(o)))
                 )
             for i in range(self.n_batches) if batches is None else batches:
-                self.forward_batch(i)
+                try:
+                    self.forward_batch(i)
+                except _StopForward:
+                    if not stop:
+                        raise
         finally:
             for h in handles:
                 h.remove()
@@ -364,8 +371,12 @@ class LayerContext:
         modules: Mapping[str, nn.Module],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        stop_after: str | None = None,
     ) -> dict[str, Tensor]:
         """Inputs of chosen modules over all calibration tokens, in one pass of the layer.
+
+        Each input is written into one preallocated buffer (no concatenation copy); batch
+        ``i`` fills rows ``token_bounds[i] : token_bounds[i + 1]``.
 
         Parameters
         ----------
@@ -373,13 +384,18 @@ class LayerContext:
             E.g. ``ctx.targets(["gate"])``.
         device, dtype : optional
             Where / how to store the result (default: the activations' device and dtype).
+        stop_after : str, optional
+            Interrupt each batch's forward right after this module's input is caught (saves
+            the rest of the layer).  Only safe on a model without bridge wrappers (inside
+            :func:`~wasserstein_neurons.bridge.native_modules`), whose hook bookkeeping would
+            be left half-done.
 
         Returns
         -------
         dict[str, Tensor]
             Name -> ``[n_tokens, in]`` (window-major token order).
         """
-        return self._collect(modules, device, dtype, outputs=False)
+        return self._collect(modules, device, dtype, outputs=False, stop_after=stop_after)
 
     def collect_outputs(
         self,
@@ -390,28 +406,46 @@ class LayerContext:
         """Outputs ``[n_tokens, out]`` of chosen modules (see :meth:`collect_inputs`)."""
         return self._collect(modules, device, dtype, outputs=True)
 
-    def _collect(self, modules, device, dtype, outputs: bool) -> dict[str, Tensor]:
-        chunks: dict[str, list[Tensor]] = {name: [] for name in modules}
+    @property
+    def token_bounds(self) -> list[int]:
+        """Token offsets of the calibration batches in a collected tensor:
+        ``[0, b_1, ..., n_tokens]``."""
+        bounds = [0]
+        for sl in self._slices:
+            bounds.append(bounds[-1] + (sl.stop - sl.start) * self.seqlen)
+        return bounds
+
+    def _collect(self, modules, device, dtype, outputs: bool, stop_after=None):
+        bufs: dict[str, Tensor] = {}
+        filled = dict.fromkeys(modules, 0)
 
         def keep(name: str) -> Callable[[Tensor], None]:
             def fn(x: Tensor) -> None:
                 x = x.detach().reshape(-1, x.shape[-1])
-                chunks[name].append(x.to(device=device or x.device, dtype=dtype or x.dtype))
+                if name not in bufs:
+                    bufs[name] = torch.empty(
+                        self.n_tokens, x.shape[1], dtype=dtype or x.dtype, device=device or x.device
+                    )
+                a = filled[name]
+                bufs[name][a : a + x.shape[0]] = x
+                filled[name] = a + x.shape[0]
+                if name == stop_after:
+                    raise _StopForward
 
             return fn
 
         hooks = {m: keep(n) for n, m in modules.items()}
-        if outputs:
-            self.run(output_hooks=hooks)
-        else:
-            self.run(input_hooks=hooks)
-        missing = [n for n, c in chunks.items() if not c]
-        if missing:
+        self.run(
+            **{"output_hooks" if outputs else "input_hooks": hooks}, stop=stop_after is not None
+        )
+        short = [n for n in modules if filled[n] != self.n_tokens]
+        if short:
             raise RuntimeError(
-                f"layer {self.index}: module(s) {missing} were never called by the layer's "
-                "forward (replaced outside the bridge? see LinearBridge.set_original_component)"
+                f"layer {self.index}: module(s) {short} received {[filled[n] for n in short]} of "
+                f"{self.n_tokens} calibration tokens (never called by the layer's forward? "
+                "replaced outside the bridge? see LinearBridge.set_original_component)"
             )
-        return {n: torch.cat(c) for n, c in chunks.items()}
+        return bufs
 
     def call_groups(self, modules: Mapping[str, nn.Module]) -> list[list[str]]:
         """Order in which the layer calls ``modules``, grouped by shared input.

@@ -18,6 +18,11 @@ inputs :math:`X \in \mathbb{R}^{N \times d_{in}}`:
    :math:`y = W_{e(x)} x + b` in place of the linear (through the TransformerLens bridge, so
    hooks such as ``blocks.{l}.mlp.hook_pre`` report the expanded outputs).
 
+Steps 1-2 are :class:`~wasserstein_neurons.expansion.expert_pruning.GroupExperts`; this module
+collects the inputs layer by layer, installs the modules and writes the summary.  Cost
+accounting is in :mod:`~wasserstein_neurons.expansion.cost`, save / load in
+:mod:`~wasserstein_neurons.expansion.io`.
+
 Llama's ``gate`` and ``up`` read the same input: they share one router object and each
 cluster's Hessian, and the router is counted once in FLOPs and parameters.  ``down`` has its
 own router, fitted on its input, the intermediate activation.  GPT-NeoX / GPT-2 have one router
@@ -47,7 +52,7 @@ count (``cpu_threads``, default 1, see below) and on the attention implementatio
 Speed on CPU
 ------------
 * ``sdpa=True`` (default) runs the calibration passes through the native Hugging Face modules
-  with scaled-dot-product attention (:func:`~wasserstein_neurons.evaluate.native_modules`)
+  with scaled-dot-product attention (:func:`~wasserstein_neurons.bridge.native_modules`)
   instead of the bridge's eager attention (measured ≈35% faster per layer pass), and stops
   each collection pass as soon as the last needed input is caught.  Expert modules are
   installed in the bridge wrappers, so the bridge and the HF model use them afterwards.
@@ -87,38 +92,31 @@ Disentanglement", arXiv:2405.15756.  E. Frantar, D. Alistarh, "SparseGPT", arXiv
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from ..bridge import replace_linear
+from ..bridge import has_bridge_modules, linear_weight, native_sdpa, replace_linear
 from ..layerwise import LayerContext, sequential_layerwise
-from ..pruning import PruneSpec, SparseGPTPruner
+from ..pruning import PruneSpec
+from .cost import expanded_modules, linear_costs
 from .expert_linear import ExpertRoutedLinear
-from .router import Router, SmallClusterWarning, fit_router
+from .expert_pruning import GroupExperts, hessian_pruner, prune_in_place
+from .router import SmallClusterWarning
 
 __all__ = [
     "DEFAULT_KMEANS_RESTARTS",
-    "EXPANSION_FORMAT",
     "SUMMARY_COLUMNS",
     "ExpansionConfig",
-    "apply_expansion",
     "build_sparse_expansion",
-    "expanded_modules",
-    "load_expanded",
-    "mlp_cost",
-    "save_expanded",
 ]
 
 #: k-means restarts per router.  Measured on 65,536 SmolLM2 calibration tokens (k = 16) on the
@@ -126,13 +124,6 @@ __all__ = [
 #: with 10 (inertia -0.1% / -0.9%); a 1536-d one 6.9 / 7.7 / 10.2 s (PCA dominates).  Five
 #: restarts keep the routers of a 30-layer model under 5 minutes (the paper used 100).
 DEFAULT_KMEANS_RESTARTS = 5
-
-#: Value of ``"format"`` in the JSON written by :func:`save_expanded`.
-EXPANSION_FORMAT = "wasserstein_neurons.sparse_expansion/1"
-_JSON_FILE = "expansion.json"
-#: Rows per ``add_batch`` call when a cluster's tokens are fed to its Hessian (k > 1).
-_HESSIAN_CHUNK = 16384
-_TENSOR_FILE = "expansion.safetensors"
 
 #: Columns of the DataFrame returned by :func:`build_sparse_expansion`.
 SUMMARY_COLUMNS = (
@@ -321,148 +312,6 @@ class ExpansionConfig:
 # ============================================================================================
 
 
-class _StopLayer(Exception):
-    """Raised by a collection hook once the last needed input of a layer is caught."""
-
-
-@contextmanager
-def _cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
-    """Temporarily use ``n`` torch threads on CPU (process-wide while active)."""
-    if n is None or device.type != "cpu" or torch.get_num_threads() == n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextmanager
-def _sdpa_forward(model) -> Iterator[bool]:
-    """Native HF modules + sdpa attention for the duration (yields whether it is active)."""
-    from ..bridge import has_bridge_modules, native_modules
-
-    hf = model.hf_model
-    if not getattr(hf, "_supports_sdpa", False):
-        yield False
-        return
-    cfg = hf.config
-    old = getattr(cfg, "_attn_implementation", None)
-    ctx = native_modules(hf) if has_bridge_modules(hf) else nullcontext()
-    with ctx:
-        try:
-            cfg._attn_implementation = "sdpa"
-            yield True
-        finally:
-            cfg._attn_implementation = old
-
-
-def _weight_view(module: nn.Module, transposed: bool) -> Tensor:
-    w = module.weight.data
-    return w.T if transposed else w
-
-
-def _collect(
-    ctx: LayerContext,
-    modules: dict[str, nn.Module],
-    stop_at: str | None,
-    device: torch.device | None,
-) -> tuple[dict[str, Tensor], list[int]]:
-    """Inputs ``[n_tokens, d_in]`` of ``modules`` over all calibration batches.
-
-    Each input is written into one preallocated buffer (no concatenation copy).  Returns the
-    buffers and the token boundaries of the calibration batches ``[0, b_1, ..., n_tokens]``.
-    With ``stop_at`` the layer's forward is interrupted right after that module's input is
-    caught (only safe without bridge wrappers, whose hook bookkeeping would be left
-    half-done).
-    """
-    n = ctx.n_tokens
-    bufs: dict[str, Tensor] = {}
-    offsets = dict.fromkeys(modules, 0)
-    bounds = [0]
-    first = next(iter(modules))
-
-    def hook_for(name: str):
-        def hook(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1])
-            if name not in bufs:
-                bufs[name] = torch.empty(
-                    n, x.shape[1], dtype=x.dtype, device=device if device else x.device
-                )
-            a = offsets[name]
-            bufs[name][a : a + x.shape[0]] = x
-            offsets[name] = a + x.shape[0]
-            if name == first:
-                bounds.append(offsets[name])
-            if name == stop_at:
-                raise _StopLayer
-
-        return hook
-
-    handles = [
-        m.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, m in modules.items()
-    ]
-    try:
-        for i in range(ctx.n_batches):
-            try:
-                ctx.forward_batch(i)
-            except _StopLayer:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    short = [name for name in modules if offsets[name] != n]
-    if short:
-        raise RuntimeError(
-            f"layer {ctx.index}: module(s) {short} received {[offsets[s] for s in short]} of "
-            f"{n} calibration tokens (never called by the layer's forward?)"
-        )
-    return bufs, bounds
-
-
-@torch.no_grad()
-def _route(router: Router, x: Tensor, chunk: int = 16384) -> Tensor:
-    """``router.route`` over ``x: [n, d]`` in chunks (bounded temporaries) -> ``[n]``."""
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = router.route(x[i : i + chunk]).to(x.device)
-    return out
-
-
-@torch.no_grad()
-def _hessian(x: Tensor, bounds: list[int], device) -> SparseGPTPruner:
-    r"""SparseGPT pruner with :math:`H = \frac{2}{N} X^\top X` over all tokens of ``x``.
-
-    Tokens are fed batch by batch in calibration order (``bounds``), i.e. exactly the
-    ``add_batch`` sequence of :func:`sequential_prune`, so the Hessian is bit-identical.
-    """
-    pruner = SparseGPTPruner(x.shape[1], device=device)
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        pruner.add_batch(x[a:b])
-    return pruner
-
-
-def _trace_quad(d: Tensor, H: Tensor) -> float:
-    r""":math:`\mathrm{tr}(D H D^\top)` (float32 product, float64 sum)."""
-    d = d.to(device=H.device, dtype=H.dtype)
-    return float(((d @ H) * d).sum(dtype=torch.float64))
-
-
-def _nnz(t: Tensor | None) -> int:
-    return 0 if t is None else int((t != 0).sum())
-
-
-def _plain_cost(module: nn.Module) -> tuple[int, float, int]:
-    """(params, flops_per_token, nbytes) of a plain linear: nonzeros, ``2 nnz(W)``, storage."""
-    w, b = module.weight, getattr(module, "bias", None)
-    params = _nnz(w) + (0 if b is None else b.numel())
-    nbytes = w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
-    return params, 2.0 * _nnz(w), nbytes
-
-
 def _layer_roles(model, cfg: ExpansionConfig) -> tuple[str, ...]:
     roles = model.adapter.roles
     if cfg.roles is None:
@@ -514,21 +363,20 @@ class _Builder:
         if cfg.within_layer_sequential:
             for group in self.groups:
                 lead = group[0]
-                bufs, bounds = _collect(
-                    ctx, {lead: targets[lead]}, lead if self.truncate else None, store
-                )
-                self._expand_group(ctx, group, bufs, bounds)
+                stop = lead if self.truncate else None
+                bufs = ctx.collect_inputs({lead: targets[lead]}, device=store, stop_after=stop)
+                self._expand_group(ctx, group, bufs, ctx.token_bounds)
         else:
             leads = {g[0]: targets[g[0]] for g in self.groups}
             stop = self.groups[-1][0] if self.truncate else None
-            bufs, bounds = _collect(ctx, leads, stop, store)
+            bufs = ctx.collect_inputs(leads, device=store, stop_after=stop)
             for group in self.groups:
-                self._expand_group(ctx, group, bufs, bounds)
+                self._expand_group(ctx, group, bufs, ctx.token_bounds)
 
     def _install(self, layer: int, role: str, module: nn.Module) -> None:
         """Put ``module`` in place of a linear, in the HF tree *and* in its bridge wrapper.
 
-        Inside :func:`~wasserstein_neurons.evaluate.native_modules` the wrappers are detached
+        Inside :func:`~wasserstein_neurons.bridge.native_modules` the wrappers are detached
         from the tree (and restored around the old linear on exit), so the wrapper caught
         before entering (``self.holders``) is pointed at the new module as well.
         """
@@ -561,16 +409,13 @@ class _Builder:
         """Expand (or prune once) the roles of ``group``, which all read ``inputs[group[0]]``.
 
         The input ``[N, d_in]`` is popped from ``inputs`` so that it is freed as soon as the
-        cluster-sorted copy exists.
+        cluster-sorted copy exists.  Appends one summary record per role.
         """
-        cfg, model = self.cfg, self.model
-        adapter, hf = model.adapter, model.hf_model
+        adapter, hf = self.model.adapter, self.model.hf_model
         layer = ctx.index
         n_tokens, d_in = inputs[group[0]].shape
         t_group = time.perf_counter()
-        weights = {
-            r: _weight_view(adapter.linear(hf, layer, r), adapter.spec(r).transposed) for r in group
-        }
+        weights = {r: linear_weight(adapter.linear(hf, layer, r)) for r in group}
         rows = {
             r: self._neuron_rows(layer, r, weights[r].shape[0], weights[r].device) for r in group
         }
@@ -578,64 +423,52 @@ class _Builder:
         if expanded:
             stats = self._expand(ctx, expanded, weights, rows, inputs.pop(group[0]), bounds)
         else:  # neuron-level mode: prune once with the whole layer's Hessian
-            full = _hessian(inputs.pop(group[0]), bounds, ctx.device)
-            stats = {r: self._prune_once(weights[r], full) for r in group}
+            full = hessian_pruner(inputs.pop(group[0]), bounds, ctx.device)
+            stats = {r: prune_in_place(weights[r], full, self.cfg) for r in group}
             del full
         seconds = time.perf_counter() - t_group
+        modules = [adapter.linear(hf, layer, r) for r in group]
+        for r, cost in zip(group, linear_costs(modules), strict=True):
+            shape = {"layer": layer, "role": r, "d_in": d_in, "d_out": weights[r].shape[0]}
+            self.records.append(self._record(shape, n_tokens, stats[r], cost, seconds / len(group)))
 
-        first_router = True
-        for r in group:
-            module = adapter.linear(hf, layer, r)
-            if isinstance(module, ExpertRoutedLinear):
-                params = module.num_parameters(include_router=first_router)
-                flops = module.flops_per_token(include_router=first_router)
-                nbytes = module.nbytes(include_router=first_router)
-                first_router = False
-            else:
-                params, flops, nbytes = _plain_cost(module)
-            s = stats[r]
-            self.records.append(
-                {
-                    "layer": layer,
-                    "role": r,
-                    "experts": s.get("experts", 1),
-                    "expert_rows": s.get("expert_rows", 0),
-                    "d_in": d_in,
-                    "d_out": weights[r].shape[0],
-                    "n_tokens": n_tokens,
-                    "pca_dim": s.get("pca_dim", 0),
-                    "cluster_min": s.get("cluster_min", n_tokens),
-                    "cluster_max": s.get("cluster_max", n_tokens),
-                    "small_clusters": s.get("small_clusters", 0),
-                    "fallbacks": s.get("fallbacks", 0),
-                    "target_sparsity": cfg.target_sparsity,
-                    "sparsity": s["sparsity"],
-                    "rel_error": s["rel_error"],
-                    "router_seconds": s.get("router_seconds", 0.0),
-                    "prune_seconds": s["prune_seconds"],
-                    "seconds": seconds / len(group),
-                    "params": params,
-                    "flops_per_token": flops,
-                    "nbytes": nbytes,
-                }
-            )
+    def _record(
+        self,
+        shape: dict[str, Any],
+        n_tokens: int,
+        s: dict[str, Any],
+        cost: tuple[int, float, int],
+        seconds: float,
+    ) -> dict[str, Any]:
+        """One summary row (:data:`SUMMARY_COLUMNS`) from the stats ``s`` of a linear.
 
-    def _prune_once(self, w: Tensor, pruner: SparseGPTPruner) -> dict[str, Any]:
-        """SparseGPT on all tokens, written into the linear in place (neuron-level mode)."""
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        w0 = w.clone() if cfg.measure_error else None
-        with _cpu_threads(cfg.cpu_threads, w.device):
-            res = pruner.prune(w, cfg.spec())
-            w.copy_(res.weight)
-            rel = float("nan")
-            if w0 is not None:
-                den = _trace_quad(w0, pruner.H)
-                rel = math.sqrt(max(_trace_quad(w0 - w, pruner.H), 0.0) / den) if den > 0 else rel
+        ``shape`` holds ``layer``, ``role``, ``d_in``, ``d_out``; ``cost`` is ``(params,
+        flops_per_token, nbytes)``.  Stats missing for a linear pruned once default to one
+        expert holding all ``n_tokens``.
+        """
+        params, flops, nbytes = cost
         return {
-            "sparsity": res.sparsity,
-            "rel_error": rel,
-            "prune_seconds": time.perf_counter() - t0,
+            "layer": shape["layer"],
+            "role": shape["role"],
+            "experts": s.get("experts", 1),
+            "expert_rows": s.get("expert_rows", 0),
+            "d_in": shape["d_in"],
+            "d_out": shape["d_out"],
+            "n_tokens": n_tokens,
+            "pca_dim": s.get("pca_dim", 0),
+            "cluster_min": s.get("cluster_min", n_tokens),
+            "cluster_max": s.get("cluster_max", n_tokens),
+            "small_clusters": s.get("small_clusters", 0),
+            "fallbacks": s.get("fallbacks", 0),
+            "target_sparsity": self.cfg.target_sparsity,
+            "sparsity": s["sparsity"],
+            "rel_error": s["rel_error"],
+            "router_seconds": s.get("router_seconds", 0.0),
+            "prune_seconds": s["prune_seconds"],
+            "seconds": seconds,
+            "params": params,
+            "flops_per_token": flops,
+            "nbytes": nbytes,
         }
 
     def _expand(
@@ -654,152 +487,52 @@ class _Builder:
         (one permuted copy of ``x``, after which ``x`` is released) and each cluster's
         contiguous slice is fed at once.  The whole-layer Hessian, needed by fallback experts
         and by the shared rows of neuron-level expansion, is then
-        :math:`H = \frac{1}{N} \sum_c N_c H_c` (no extra pass over the tokens).
+        :math:`H = \frac{1}{N} \sum_c N_c H_c` (no extra pass over the tokens).  See
+        :class:`~wasserstein_neurons.expansion.expert_pruning.GroupExperts`.
+
+        Returns
+        -------
+        dict
+            Summary stats of every role in ``names``.
         """
-        cfg, model = self.cfg, self.model
-        layer, dev = ctx.index, ctx.device
-        n_tokens, d_in = x.shape
-        k = cfg.n_experts
-
-        # ---- router and clusters
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SmallClusterWarning)  # summarised by the builder
-            router = fit_router(
-                x,
-                k,
-                pca_factor=cfg.pca_factor,
-                restarts=cfg.kmeans_restarts,
-                seed=cfg.seed,
-                device=dev,
-                min_cluster_tokens=0,
-            )
-        if k == 1:
-            counts = torch.tensor([n_tokens])
-            xs, starts = x, None
-        else:
-            labels = _route(router, x)
-            counts = torch.bincount(labels, minlength=k).cpu()
-            xs = x.index_select(0, torch.argsort(labels, stable=True))  # grouped by cluster
-            del labels
-            starts = [0, *torch.cumsum(counts, 0).tolist()]
-        del x
-        router.counts.copy_(counts.to(router.counts.device))
-        router_s = time.perf_counter() - t0
-        min_tokens = 2 * d_in if cfg.min_cluster_tokens is None else cfg.min_cluster_tokens
-        n_small = int((counts < min_tokens).sum()) if min_tokens > 0 else 0
-        if n_small:
+        layer, k = ctx.index, self.cfg.n_experts
+        experts = GroupExperts(self.cfg, ctx.device, names, weights, rows)
+        xs, starts = experts.cluster(x)
+        del x  # k > 1: only the cluster-sorted copy is kept
+        if experts.n_small:
+            counts = experts.counts
             self.small.append(
-                f"layer {layer} {'/'.join(names)}: {n_small} of {k} clusters "
-                f"< {min_tokens} tokens (min {int(counts.min())})"
+                f"layer {layer} {'/'.join(names)}: {experts.n_small} of {k} clusters "
+                f"< {experts.min_tokens} tokens (min {int(counts.min())})"
             )
-
-        # ---- experts
-        experts = {
-            r: torch.empty(
-                k,
-                weights[r].shape[0] if rows[r] is None else rows[r].numel(),
-                d_in,
-                dtype=weights[r].dtype,
-                device=weights[r].device,
-            )
-            for r in names
-        }
-        num = dict.fromkeys(names, 0.0)
-        zeros = dict.fromkeys(names, 0)
-        H_sum: Tensor | None = None  # sum_c N_c H_c = 2 X^T X
-        full: SparseGPTPruner | None = None
-        min_expert = max(1, cfg.min_expert_tokens)
-        fallbacks = [c for c in range(k) if int(counts[c]) < min_expert]
-        tiny: dict[int, SparseGPTPruner] = {}
         t_prune = time.perf_counter()
-
-        def prune_expert(c: int, pruner: SparseGPTPruner, own: SparseGPTPruner | None) -> None:
-            with _cpu_threads(cfg.cpu_threads, dev):
-                for r in names:
-                    res = pruner.prune(weights[r], cfg.spec(rows[r]))
-                    sel = res.weight if rows[r] is None else res.weight[rows[r]]
-                    experts[r][c] = sel
-                    zeros[r] += int((sel == 0).sum())
-                    if cfg.measure_error and own is not None:
-                        w0 = weights[r] if rows[r] is None else weights[r][rows[r]]
-                        num[r] += own.nsamples * _trace_quad(w0 - sel, own.H)
-
-        for c in range(k):
-            n_c = int(counts[c])
-            if n_c == 0:
-                continue
-            if starts is None:
-                own = _hessian(xs, bounds, dev)
-                full = own
-            else:
-                own = SparseGPTPruner(d_in, device=dev)
-                for a in range(starts[c], starts[c + 1], _HESSIAN_CHUNK):
-                    own.add_batch(xs[a : min(a + _HESSIAN_CHUNK, starts[c + 1])])
-            H_sum = own.H * n_c if H_sum is None else H_sum.add_(own.H, alpha=n_c)
-            if c not in fallbacks:
-                prune_expert(c, own, own)
-            elif cfg.measure_error:  # a tiny cluster: its error is measured on its own tokens
-                tiny[c] = own
-            del own
+        experts.prune_clusters(xs, starts, bounds)
         del xs
-
-        def full_pruner() -> SparseGPTPruner:
-            nonlocal full
-            if full is None:
-                full = SparseGPTPruner.from_hessian(H_sum / n_tokens, nsamples=n_tokens)
-            return full
-
-        for c in fallbacks:
-            prune_expert(c, full_pruner(), tiny.pop(c, None))
-        if fallbacks:
-            self.fallback.append(f"layer {layer} {'/'.join(names)}: {len(fallbacks)} of {k}")
-        prune_s = time.perf_counter() - t_prune
-
-        # ---- modules
-        out: dict[str, dict[str, Any]] = {}
-        for r in names:
-            t0 = time.perf_counter()
-            w = weights[r]
-            bias = getattr(model.adapter.linear(model.hf_model, layer, r), "bias", None)
-            n_rows = experts[r].shape[1]
-            shared = None
-            shared_zeros = 0
-            if rows[r] is not None:
-                keep = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
-                keep[rows[r]] = False
-                with _cpu_threads(cfg.cpu_threads, dev):
-                    shared = full_pruner().prune(w, cfg.spec(keep)).weight
-                    shared_zeros = int((shared[keep] == 0).sum())
-                    if cfg.measure_error:
-                        num[r] += _trace_quad((w - shared)[keep], H_sum)
-            den = _trace_quad(w, H_sum) if cfg.measure_error else 0.0
-            module = ExpertRoutedLinear(
-                experts.pop(r),
-                router,
-                None if bias is None else bias.detach(),
-                rows=rows[r],
-                shared_weight=shared,
-                store_routing=cfg.store_routing,
+        experts.prune_fallbacks()
+        if experts.fallbacks:
+            self.fallback.append(
+                f"layer {layer} {'/'.join(names)}: {len(experts.fallbacks)} of {k}"
             )
-            self._install(layer, r, module)
-            if cfg.compact:
-                self.to_compact.append(module)
-            total = k * n_rows * d_in + (w.shape[0] - n_rows) * d_in
-            out[r] = {
-                "experts": k,
-                "expert_rows": n_rows,
-                "pca_dim": router.pca_dim if router.uses_pca else 0,
-                "cluster_min": int(counts.min()),
-                "cluster_max": int(counts.max()),
-                "small_clusters": n_small,
-                "fallbacks": len(fallbacks),
-                "sparsity": (zeros[r] + shared_zeros) / max(total, 1),
-                "rel_error": math.sqrt(max(num[r], 0.0) / den) if den > 0 else float("nan"),
-                "router_seconds": router_s,
-                "prune_seconds": prune_s / len(names) + time.perf_counter() - t0,
-            }
-        return out
+        prune_s = time.perf_counter() - t_prune
+        return {r: self._install_experts(layer, r, experts, prune_s / len(names)) for r in names}
+
+    def _install_experts(
+        self, layer: int, role: str, experts: GroupExperts, prune_s: float
+    ) -> dict[str, Any]:
+        """Build and install the module of ``role``; returns its stats.
+
+        ``prune_s`` is the role's share of the group's expert pruning time.
+        """
+        t0 = time.perf_counter()
+        model = self.model
+        bias = getattr(model.adapter.linear(model.hf_model, layer, role), "bias", None)
+        module = experts.module(role, bias)
+        self._install(layer, role, module)
+        if self.cfg.compact:
+            self.to_compact.append(module)
+        stats = experts.stats(role)
+        stats["prune_seconds"] = prune_s + time.perf_counter() - t0
+        return stats
 
 
 def build_sparse_expansion(
@@ -852,32 +585,12 @@ def build_sparse_expansion(
     docstring for the within-layer order, the ``k = 1`` equivalence with SparseGPT and memory.
     """
     cfg = cfg or ExpansionConfig()
-    roles = _layer_roles(model, cfg)
-    if not roles:
-        raise ValueError("no MLP linear to expand (empty roles)")
+    roles = _check_expandable(model, cfg)
     layers = cfg.layers
-    if cfg.neuron_rows is not None:
-        bad = [layer for layer in cfg.neuron_rows if not 0 <= layer < model.adapter.n_layers]
-        if bad:
-            raise ValueError(f"neuron_rows has layers out of range: {bad}")
     adapter, hf = model.adapter, model.hf_model
-    done = [key for key in expanded_modules(model) if key[1] in roles]
-    if done:
-        raise ValueError(
-            f"the model is already expanded ({len(done)} expert modules, e.g. layer "
-            f"{done[0][0]} {done[0][1]!r}); start from a freshly loaded dense model"
-        )
-    # the bridge wrappers (LinearBridge) of every MLP linear, caught before native_modules()
-    # detaches them: replacements must go into them too
-    holders = {
-        (layer, role): getattr(adapter.mlp(hf, layer), adapter.spec(role).hf_attr)
-        for layer in range(adapter.n_layers)
-        for role in roles
-    }
-    sdpa_ctx = _sdpa_forward(model) if cfg.sdpa else nullcontext(False)
+    holders = _bridge_holders(model, roles)
+    sdpa_ctx = native_sdpa(hf) if cfg.sdpa else nullcontext(False)
     with sdpa_ctx:
-        from ..bridge import has_bridge_modules
-
         # interrupting a layer's forward is only safe without bridge wrappers
         builder = _Builder(model, cfg, not has_bridge_modules(hf), holders)
         sequential_layerwise(
@@ -898,298 +611,65 @@ def build_sparse_expansion(
                 "(bridge wrapper restored over it?)"
             )
     if builder.small or builder.fallback:
-        msg = []
-        if builder.small:
-            msg.append(
-                f"{len(builder.small)} expanded linear(s) have clusters with few calibration "
-                f"tokens ({'; '.join(builder.small[:4])}{' ...' if len(builder.small) > 4 else ''}"
-                "): their experts' Hessians are poorly estimated — use more calibration windows "
-                "(--nsamples) or fewer experts"
-            )
-        if builder.fallback:
-            msg.append(
-                f"empty clusters fell back to the whole-layer Hessian in "
-                f"{'; '.join(builder.fallback[:4])}{' ...' if len(builder.fallback) > 4 else ''}"
-            )
-        warnings.warn(
-            "sparse expansion: " + ". ".join(msg) + " (see the summary's small_clusters / "
-            "fallbacks columns)",
-            SmallClusterWarning,
-            stacklevel=2,
-        )
+        _warn_small_clusters(builder.small, builder.fallback)
     return pd.DataFrame.from_records(builder.records, columns=list(SUMMARY_COLUMNS))
 
 
-# ============================================================================================
-# Inspection and accounting
-# ============================================================================================
-
-
-def expanded_modules(model) -> dict[tuple[int, str], ExpertRoutedLinear]:
-    """Every :class:`ExpertRoutedLinear` in the MLPs of ``model``, keyed ``(layer, role)``."""
-    adapter, hf = model.adapter, model.hf_model
-    out = {}
-    for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            if isinstance(module, ExpertRoutedLinear):
-                out[(layer, role)] = module
-    return out
-
-
-def mlp_cost(model) -> dict[str, float]:
-    r"""Per-token FLOPs, stored parameters and bytes of all MLP linears of ``model``.
-
-    * plain linear: :math:`2\,\mathrm{nnz}(W)` FLOPs, :math:`\mathrm{nnz}(W) + |b|` parameters;
-    * :class:`ExpertRoutedLinear`: :meth:`~ExpertRoutedLinear.flops_per_token` (expected over
-      the calibration routing frequencies, router included) and
-      :meth:`~ExpertRoutedLinear.num_parameters` (nonzeros of all experts + router); a router
-      shared by several modules (Llama gate/up) is counted once.
-
-    Returns
-    -------
-    dict
-        ``flops_per_token``, ``params`` (nonzero weights + biases + routers), ``nbytes``
-        (actual storage) and ``dense_params`` (weights + biases of the dense MLP linears).
-    """
-    adapter, hf = model.adapter, model.hf_model
-    flops = 0.0
-    params = 0
-    nbytes = 0
-    dense = 0
-    seen: set[int] = set()
-    for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            if isinstance(module, ExpertRoutedLinear):
-                first = id(module.router) not in seen
-                seen.add(id(module.router))
-                flops += module.flops_per_token(include_router=first)
-                params += module.num_parameters(include_router=first)
-                nbytes += module.nbytes(include_router=first)
-                dense += module.in_features * module.out_features
-                dense += 0 if module.bias is None else module.bias.numel()
-            else:
-                p, f, b = _plain_cost(module)
-                params += p
-                flops += f
-                nbytes += b
-                bias = getattr(module, "bias", None)
-                dense += module.weight.numel() + (0 if bias is None else bias.numel())
-    return {
-        "flops_per_token": flops,
-        "params": int(params),
-        "nbytes": int(nbytes),
-        "dense_params": int(dense),
-    }
-
-
-# ============================================================================================
-# Save / load
-# ============================================================================================
-
-
-def save_expanded(
-    model,
-    path: str | Path,
-    cfg: ExpansionConfig | None = None,
-    *,
-    compact: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the expanded MLP modules of ``model`` to the folder ``path``.
-
-    Files: ``expansion.safetensors`` (tensors keyed ``"{layer}.{role}.{name}"``) and
-    ``expansion.json`` (format tag, base model name, dtype, the :class:`ExpansionConfig`, the
-    module list, and ``extra``).  Only the MLP linears are stored: :func:`apply_expansion`
-    puts them into a freshly loaded base model.
-
-    Parameters
-    ----------
-    model : LoadedModel
-        After :func:`build_sparse_expansion`.
-    path : str or Path
-        Output folder (created; existing files of the same names are overwritten).
-    cfg : ExpansionConfig, optional
-        The build's config, stored in the JSON.  With it, the plain linears of its roles and
-        layers (pruned in place in neuron-level mode) are stored too.
-    compact : bool
-        Store the experts packed (nonzero values + 1-bit masks: 0.53 B/weight at 90% sparsity,
-        2.1 B at 50%, instead of 4).  The in-memory modules are not changed.
-    extra : dict, optional
-        More JSON-serialisable metadata.
-
-    Returns
-    -------
-    Path
-        The folder.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    adapter, hf = model.adapter, model.hf_model
-    layers = range(adapter.n_layers)
-    roles = adapter.roles
-    if cfg is not None:
-        roles = _layer_roles(model, cfg)
-        layers = cfg.layers if cfg.layers is not None else layers
-    tensors: dict[str, Tensor] = {}
-    entries = []
-    router_owner: dict[int, str] = {}
-    storage = None
-    for layer in layers:
-        router_owner.clear()
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            prefix = f"{layer}.{role}."
-            if isinstance(module, ExpertRoutedLinear):
-                storage = storage or ("compact" if module.is_compact else "dense")
-                shared_from = router_owner.get(id(module.router))
-                router_owner.setdefault(id(module.router), role)
-                m = module
-                if compact and not module.is_compact:
-                    m = copy.deepcopy(module).compact()
-                sd = m.state_dict()
-                for key, t in sd.items():
-                    if shared_from is not None and key.startswith("router."):
-                        continue
-                    tensors[prefix + key] = t.detach().cpu().contiguous().clone()
-                entries.append(
-                    {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
-                )
-            elif cfg is not None and role in roles:
-                tensors[prefix + "weight"] = module.weight.detach().cpu().contiguous().clone()
-                if getattr(module, "bias", None) is not None:
-                    tensors[prefix + "bias"] = module.bias.detach().cpu().contiguous().clone()
-                entries.append({"layer": layer, "role": role, "kind": "linear"})
-    if not entries:
-        raise ValueError("the model holds no expanded MLP module to save")
-    save_file(tensors, str(path / _TENSOR_FILE))
-    meta = {
-        "format": EXPANSION_FORMAT,
-        "base_model": model.name,
-        "family": adapter.family,
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "storage": storage or "dense",
-        "config": None if cfg is None else cfg.to_dict(),
-        "modules": entries,
-        "extra": extra or {},
-    }
-    (path / _JSON_FILE).write_text(json.dumps(meta, indent=2))
-    return path
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / _JSON_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} holds no {_JSON_FILE}: not a saved Sparse Expansion")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPANSION_FORMAT:
-        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
-    return meta
-
-
-@torch.no_grad()
-def apply_expansion(
-    model, path: str | Path, *, storage: str | None = None, store_routing: bool = False
-) -> ExpansionConfig | None:
-    """Put the modules saved by :func:`save_expanded` into ``model`` (in place).
-
-    Parameters
-    ----------
-    model : LoadedModel
-        The dense base model the expansion was built from (same architecture and sizes).
-    path : str or Path
-        Folder written by :func:`save_expanded`.
-    storage : {"dense", "compact"} or None
-        Storage of the loaded experts; ``None``: as they were when saved.
-    store_routing : bool
-        ``store_routing`` of the loaded modules.
-
-    Returns
-    -------
-    ExpansionConfig or None
-        The stored config.
-
-    Raises
-    ------
-    ValueError
-        For a different architecture family, or mismatched module sizes.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = _read_meta(path)
-    if meta["family"] != model.adapter.family:
+def _check_expandable(model, cfg: ExpansionConfig) -> tuple[str, ...]:
+    """The roles to expand (forward order); raises ``ValueError`` for a bad config or a model
+    whose linears of those roles are already expanded."""
+    roles = _layer_roles(model, cfg)
+    if not roles:
+        raise ValueError("no MLP linear to expand (empty roles)")
+    if cfg.neuron_rows is not None:
+        bad = [layer for layer in cfg.neuron_rows if not 0 <= layer < model.adapter.n_layers]
+        if bad:
+            raise ValueError(f"neuron_rows has layers out of range: {bad}")
+    done = [key for key in expanded_modules(model) if key[1] in roles]
+    if done:
         raise ValueError(
-            f"{path} was built for a {meta['family']} model, not {model.adapter.family}"
+            f"the model is already expanded ({len(done)} expert modules, e.g. layer "
+            f"{done[0][0]} {done[0][1]!r}); start from a freshly loaded dense model"
         )
-    storage = storage or meta.get("storage", "dense")
-    if storage not in ("dense", "compact"):
-        raise ValueError(f"storage must be 'dense' or 'compact', got {storage!r}")
-    tensors = load_file(str(path / _TENSOR_FILE))
-    adapter, hf = model.adapter, model.hf_model
-    device, dtype = model.device, model.dtype
-    loaded: dict[tuple[int, str], ExpertRoutedLinear] = {}
-    for entry in meta["modules"]:
-        layer, role = int(entry["layer"]), entry["role"]
-        prefix = f"{layer}.{role}."
-        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if entry["kind"] == "linear":
-            module = adapter.linear(hf, layer, role)
-            w = module.weight
-            if w.shape != sd["weight"].shape:
-                raise ValueError(f"layer {layer} {role!r}: saved weight has shape mismatch")
-            w.copy_(sd["weight"].to(w.device, w.dtype))
-            if "bias" in sd:
-                module.bias.copy_(sd["bias"].to(module.bias.device, module.bias.dtype))
-            continue
-        source = entry.get("router_from")
-        if source is not None:
-            owner = loaded[(layer, source)]
-            sd.update({"router." + k: v for k, v in owner.router.state_dict().items()})
-        module = ExpertRoutedLinear.from_state_dict(sd, store_routing=store_routing)
-        if storage == "dense":
-            module.densify()
-        elif not module.is_compact:
-            module.compact()
-        module = module.to(device=device, dtype=dtype)
-        if source is not None:
-            module.router = loaded[(layer, source)].router
-        replace_linear(model, layer, role, module)
-        loaded[(layer, role)] = module
-    cfg = meta.get("config")
-    return None if cfg is None else ExpansionConfig.from_dict(cfg)
+    return roles
 
 
-def load_expanded(
-    path: str | Path,
-    *,
-    device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype | None = None,
-    storage: str | None = None,
-    store_routing: bool = False,
-):
-    """Load the base model named in ``path``'s JSON and apply the saved expansion.
+def _bridge_holders(model, roles: Sequence[str]) -> dict[tuple[int, str], Any]:
+    """The MLP attribute of every ``(layer, role)`` linear: with a bridge, its ``LinearBridge``.
 
-    Parameters
-    ----------
-    path : str or Path
-        Folder written by :func:`save_expanded`.
-    device, dtype :
-        Passed to :func:`~wasserstein_neurons.models.load_model` (``dtype=None``: the saved
-        model's dtype).
-    storage, store_routing :
-        See :func:`apply_expansion`.
-
-    Returns
-    -------
-    tuple[LoadedModel, ExpansionConfig or None]
+    Caught before :func:`~wasserstein_neurons.bridge.native_modules` detaches the bridge
+    wrappers: replacements must go into them too (:meth:`_Builder._install`).
     """
-    from ..models import load_model
+    adapter, hf = model.adapter, model.hf_model
+    return {
+        (layer, role): getattr(adapter.mlp(hf, layer), adapter.spec(role).hf_attr)
+        for layer in range(adapter.n_layers)
+        for role in roles
+    }
 
-    meta = _read_meta(Path(path))
-    model = load_model(meta["base_model"], device=device, dtype=dtype or meta["dtype"])
-    cfg = apply_expansion(model, path, storage=storage, store_routing=store_routing)
-    return model, cfg
+
+def _warn_small_clusters(small: list[str], fallback: list[str]) -> None:
+    """One :class:`SmallClusterWarning` for :func:`build_sparse_expansion`'s caller.
+
+    ``small`` lists the linears with clusters below ``min_cluster_tokens``, ``fallback`` those
+    whose experts fell back to the whole-layer Hessian (at most four of each are named).
+    """
+
+    def some(items: list[str]) -> str:
+        return "; ".join(items[:4]) + (" ..." if len(items) > 4 else "")
+
+    msg = []
+    if small:
+        msg.append(
+            f"{len(small)} expanded linear(s) have clusters with few calibration tokens "
+            f"({some(small)}): their experts' Hessians are poorly estimated — use more "
+            "calibration windows (--nsamples) or fewer experts"
+        )
+    if fallback:
+        msg.append(f"empty clusters fell back to the whole-layer Hessian in {some(fallback)}")
+    warnings.warn(
+        "sparse expansion: " + ". ".join(msg) + " (see the summary's small_clusters / "
+        "fallbacks columns)",
+        SmallClusterWarning,
+        stacklevel=3,  # the caller of build_sparse_expansion
+    )

@@ -153,6 +153,18 @@ class PackedSparseStack(nn.Module):
         return f"m={m}, shape=({r}, {c}), nnz={int(self.offsets[-1])}"
 
 
+def _check_experts(experts: Tensor, router: Router) -> tuple[int, int, int]:
+    """``(k, r, in)`` of ``experts: [k, r, in]``, checked against ``router``."""
+    if experts.dim() != 3:
+        raise ValueError(f"experts must be [k, out, in], got shape {tuple(experts.shape)}")
+    k, r, d_in = experts.shape
+    if router.n_clusters != k:
+        raise ValueError(f"router has {router.n_clusters} clusters but {k} experts given")
+    if router.d_in != d_in:
+        raise ValueError(f"router expects d_in={router.d_in}, experts have in={d_in}")
+    return k, r, d_in
+
+
 def _shifts(device) -> Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
 
@@ -210,14 +222,7 @@ class ExpertRoutedLinear(nn.Module):
         store_routing: bool = True,
     ) -> None:
         super().__init__()
-        if experts.dim() != 3:
-            raise ValueError(f"experts must be [k, out, in], got shape {tuple(experts.shape)}")
-        k, r, d_in = experts.shape
-        if router.n_clusters != k:
-            raise ValueError(f"router has {router.n_clusters} clusters but {k} experts given")
-        if router.d_in != d_in:
-            raise ValueError(f"router expects d_in={router.d_in}, experts have in={d_in}")
-        dev = experts.device
+        k, r, d_in = _check_experts(experts, router)
         if rows is None:
             if shared_weight is not None:
                 raise ValueError("shared_weight is only used with rows (neuron-level expansion)")
@@ -226,26 +231,7 @@ class ExpertRoutedLinear(nn.Module):
             self.register_buffer("shared_rows", None)
             self.register_parameter("shared_weight", None)
         else:
-            if shared_weight is None or shared_weight.dim() != 2:
-                raise ValueError("neuron-level expansion (rows=...) needs shared_weight [out, in]")
-            d_out = shared_weight.shape[0]
-            if shared_weight.shape[1] != d_in:
-                raise ValueError(
-                    f"shared_weight must be [out, {d_in}], got {tuple(shared_weight.shape)}"
-                )
-            rows_t, perm = _resolve_rows(rows, d_out, dev)
-            if rows_t.numel() != r:
-                raise ValueError(f"{rows_t.numel()} rows given but experts have {r} rows")
-            if perm is not None:  # keep experts[:, i] paired with rows[i] after sorting
-                experts = experts[:, perm.to(experts.device)]
-            keep = torch.ones(d_out, dtype=torch.bool, device=dev)
-            keep[rows_t] = False
-            shared_rows = keep.nonzero().flatten()
-            self.register_buffer("rows", rows_t)
-            self.register_buffer("shared_rows", shared_rows)
-            self.shared_weight = nn.Parameter(
-                shared_weight.detach()[shared_rows.to(shared_weight.device)].clone().to(dev)
-            )
+            d_out, experts = self._init_neuron_rows(experts, rows, shared_weight)
         self.in_features = d_in
         self.out_features = d_out
         self.n_experts = k
@@ -253,19 +239,57 @@ class ExpertRoutedLinear(nn.Module):
         self.weights = nn.Parameter(experts.detach().clone())
         self.register_module("weights_packed", None)
         self.register_module("shared_packed", None)
-        self.register_parameter("bias", None)
-        self.register_parameter("expert_bias", None)
-        if bias is not None:
-            if bias.shape == (d_out,):
-                self.bias = nn.Parameter(bias.detach().clone().to(dev))
-            elif bias.shape == (k, d_out):
-                self.expert_bias = nn.Parameter(bias.detach().clone().to(dev))
-            else:
-                raise ValueError(
-                    f"bias must be [out={d_out}] or [k={k}, out={d_out}], got {tuple(bias.shape)}"
-                )
+        self._init_bias(bias, experts.device)
         self.store_routing = store_routing
         self.last_routing: Tensor | None = None
+
+    def _init_neuron_rows(
+        self, experts: Tensor, rows: Tensor | Sequence[int], shared_weight: Tensor | None
+    ) -> tuple[int, Tensor]:
+        """Register ``rows``, ``shared_rows`` and ``shared_weight`` (neuron-level expansion).
+
+        Returns ``d_out`` and ``experts [k, r, in]`` with its rows in the order of the sorted
+        ``rows``.
+        """
+        _, r, d_in = experts.shape
+        dev = experts.device
+        if shared_weight is None or shared_weight.dim() != 2:
+            raise ValueError("neuron-level expansion (rows=...) needs shared_weight [out, in]")
+        d_out = shared_weight.shape[0]
+        if shared_weight.shape[1] != d_in:
+            raise ValueError(
+                f"shared_weight must be [out, {d_in}], got {tuple(shared_weight.shape)}"
+            )
+        rows_t, perm = _resolve_rows(rows, d_out, dev)
+        if rows_t.numel() != r:
+            raise ValueError(f"{rows_t.numel()} rows given but experts have {r} rows")
+        if perm is not None:  # keep experts[:, i] paired with rows[i] after sorting
+            experts = experts[:, perm.to(experts.device)]
+        keep = torch.ones(d_out, dtype=torch.bool, device=dev)
+        keep[rows_t] = False
+        shared_rows = keep.nonzero().flatten()
+        self.register_buffer("rows", rows_t)
+        self.register_buffer("shared_rows", shared_rows)
+        self.shared_weight = nn.Parameter(
+            shared_weight.detach()[shared_rows.to(shared_weight.device)].clone().to(dev)
+        )
+        return d_out, experts
+
+    def _init_bias(self, bias: Tensor | None, device: torch.device) -> None:
+        """Register ``bias`` (shared, ``[out]``) and ``expert_bias`` (``[k, out]``), one or none."""
+        self.register_parameter("bias", None)
+        self.register_parameter("expert_bias", None)
+        if bias is None:
+            return
+        k, d_out = self.n_experts, self.out_features
+        if bias.shape == (d_out,):
+            self.bias = nn.Parameter(bias.detach().clone().to(device))
+        elif bias.shape == (k, d_out):
+            self.expert_bias = nn.Parameter(bias.detach().clone().to(device))
+        else:
+            raise ValueError(
+                f"bias must be [out={d_out}] or [k={k}, out={d_out}], got {tuple(bias.shape)}"
+            )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -375,6 +399,11 @@ class ExpertRoutedLinear(nn.Module):
             self.shared_packed = None
         return self
 
+    @property
+    def _n_expert_rows(self) -> int:
+        """Rows ``r`` with expert-specific weights (``out_features`` without ``rows``)."""
+        return self.out_features if self.rows is None else self.rows.numel()
+
     def _expert_rows(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
         """Expert ``e``'s ``[r, in]`` expert-specific rows."""
         if self.is_compact:
@@ -443,7 +472,7 @@ class ExpertRoutedLinear(nn.Module):
             y = y_exp
         else:
             y = xf.new_empty(xf.shape[0], self.out_features)
-            y = y.index_copy(1, self.shared_rows, self._shared_matmul(xf))
+            y = y.index_copy(1, self.shared_rows, xf @ self._shared(xf.dtype).T)
             y = y.index_copy(1, self.rows, y_exp)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -452,14 +481,8 @@ class ExpertRoutedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _matmul(self, e: int, x: Tensor) -> Tensor:
-        if self.is_compact:
-            return x @ self.weights_packed.dense(e, x.dtype).T
-        return x @ self.weights[e].to(x.dtype).T
-
-    def _shared_matmul(self, x: Tensor) -> Tensor:
-        if self.shared_packed is not None:
-            return x @ self.shared_packed.dense(0, x.dtype).T
-        return x @ self.shared_weight.to(x.dtype).T
+        """``x [n, in] @ W_e^T`` over expert ``e``'s expert rows -> ``[n, r]``."""
+        return x @ self._expert_rows(e, x.dtype).T
 
     def _experts_forward(self, xf: Tensor, ids: Tensor) -> Tensor:
         """``y_t = W_{ids[t]} x_t`` for ``xf: [n, in]`` → ``[n, r]`` (no bias)."""
@@ -483,7 +506,7 @@ class ExpertRoutedLinear(nn.Module):
                 start += counts[e]
             ys = torch.cat(parts)
         else:  # inference: write each expert's block in place (no concatenation copy)
-            r = self.out_features if self.rows is None else self.rows.numel()
+            r = self._n_expert_rows
             ys = xf.new_empty(n, r)
             start = 0
             for e in used:
@@ -521,7 +544,7 @@ class ExpertRoutedLinear(nn.Module):
         if nonzero_only:
             n = int(self.nnz_per_expert().sum()) + self.shared_nnz()
         else:
-            r = self.out_features if self.rows is None else self.rows.numel()
+            r = self._n_expert_rows
             n = self.n_experts * r * self.in_features
             n += (self.out_features - r) * self.in_features
         for b in (self.bias, self.expert_bias):

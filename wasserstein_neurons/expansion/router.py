@@ -36,11 +36,12 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .threads import cpu_threads
 
 __all__ = ["Router", "RouterFitInfo", "SmallClusterWarning", "fit_router"]
 
@@ -192,6 +193,11 @@ class Router(nn.Module):
         return proj + 2 * p * k + k
 
     # ------------------------------------------------------------------ routing
+    def _check_inputs(self, x: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``x`` is ``[..., d_in]``."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"router expects inputs [..., {self.d_in}], got {tuple(x.shape)}")
+
     def project(self, x: Tensor) -> Tensor:
         """Centre and project inputs into the routing space.
 
@@ -203,8 +209,7 @@ class Router(nn.Module):
         -------
         Tensor, float32, shape ``[..., p]``
         """
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"router expects inputs [..., {self.d_in}], got {tuple(x.shape)}")
+        self._check_inputs(x)
         z = x.to(device=self.mean.device, dtype=torch.float32) - self.mean
         return z if self.components is None else z @ self.components
 
@@ -222,8 +227,7 @@ class Router(nn.Module):
             ``argmin_j ||z - c_j||^2`` (first index on ties), on the router's device.
         """
         lead = x.shape[:-1]
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"router expects inputs [..., {self.d_in}], got {tuple(x.shape)}")
+        self._check_inputs(x)
         if self.n_clusters == 1:
             return torch.zeros(lead, dtype=torch.long, device=self.mean.device)
         z = self.project(x.reshape(-1, self.d_in))
@@ -281,27 +285,6 @@ class Router(nn.Module):
 # ============================================================================================
 
 
-@contextmanager
-def _few_threads(device: torch.device):
-    """Run small CPU kernels single-threaded (restores the thread count afterwards).
-
-    The k-means work is on ``[tokens, p]`` arrays with ``p ~ d_in / 32`` and the eigensolver on
-    one ``[d_in, d_in]`` matrix: OpenMP gains little there, and on a loaded machine its
-    barriers make these kernels 10-100x slower (measured: ``eigh`` of a 576 x 576 matrix takes
-    8 s with 2 busy threads, 0.07 s with one).  Note that ``torch.set_num_threads`` is
-    process-wide while this is active.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _assign(z: Tensor, centroids: Tensor) -> Tensor:
     """``argmin_j ||z_t - c_j||^2`` via ``||c_j||^2 - 2 z_t . c_j`` (float32, chunked)."""
     c = centroids.to(torch.float32)
@@ -330,21 +313,27 @@ def _resolve_pca_dim(d_in: int, pca_dim: int | None, pca_factor: int | None) -> 
     return pca_dim
 
 
+def _mean64(x: Tensor, device: torch.device) -> Tensor:
+    """Mean ``[d]`` of ``x: [n, d]`` in float64, summed chunk by chunk on ``device``."""
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    for i in range(0, x.shape[0], _CHUNK):
+        mean += x[i : i + _CHUNK].to(device).sum(0, dtype=torch.float64)
+    mean /= x.shape[0]
+    return mean
+
+
 @torch.no_grad()
 def _pca(x: Tensor, p: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Mean ``[d]``, top-``p`` components ``[d, p]`` (both float64) and their variance ratios."""
     n, d = x.shape
-    total = torch.zeros(d, dtype=torch.float64, device=device)
-    for i in range(0, n, _CHUNK):
-        total += x[i : i + _CHUNK].to(device).sum(0, dtype=torch.float64)
-    mean = total / n
+    mean = _mean64(x, device)
     mean32 = mean.to(torch.float32)
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
     for i in range(0, n, _CHUNK):
         xc = x[i : i + _CHUNK].to(device=device, dtype=torch.float32) - mean32
         cov += (xc.T @ xc).to(torch.float64)
     cov /= max(n - 1, 1)
-    with _few_threads(device):
+    with cpu_threads(1, device):  # one small eigensolve (see .threads)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals = evals.flip(0).clamp_min(0.0)
     comps = evecs.flip(1)[:, :p]
@@ -499,6 +488,22 @@ def fit_router(
     iteration :math:`O(n p k)`.
     """
     t0 = time.perf_counter()
+    x = _check_fit_inputs(x, n_clusters, restarts, max_iter)
+    n, d_in = x.shape
+    device = torch.device(device) if device is not None else x.device
+    min_cluster_tokens = 2 * d_in if min_cluster_tokens is None else int(min_cluster_tokens)
+    if n_clusters == 1:
+        router = _single_cluster_router(x, device)
+    else:
+        p = _resolve_pca_dim(d_in, pca_dim, pca_factor)
+        router = _kmeans_router(x, n_clusters, p, restarts, max_iter, tol, seed, device)
+    router.fit_info.time_s = time.perf_counter() - t0
+    _warn_small(router.counts, min_cluster_tokens)  # stacklevel: called from fit_router
+    return router
+
+
+def _check_fit_inputs(x: Tensor, n_clusters: int, restarts: int, max_iter: int) -> Tensor:
+    """Validate the arguments of :func:`fit_router`; returns ``x`` as ``[tokens, d_in]``."""
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}")
     if not isinstance(restarts, int) or restarts < 1:
@@ -510,78 +515,103 @@ def fit_router(
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
     x = x.detach().reshape(-1, x.shape[-1])
-    n, d_in = x.shape
-    if n == 0:
+    if x.shape[0] == 0:
         raise ValueError("fit_router needs at least one calibration token")
-    device = torch.device(device) if device is not None else x.device
-    for i in range(0, n, _CHUNK):
+    for i in range(0, x.shape[0], _CHUNK):
         if not bool(torch.isfinite(x[i : i + _CHUNK]).all()):
             raise ValueError("calibration inputs contain NaN or Inf")
-    min_cluster_tokens = 2 * d_in if min_cluster_tokens is None else int(min_cluster_tokens)
+    return x
 
-    if n_clusters == 1:
-        mean = torch.zeros(d_in, dtype=torch.float64, device=device)
-        for i in range(0, n, _CHUNK):
-            mean += x[i : i + _CHUNK].to(device).sum(0, dtype=torch.float64)
-        mean /= n
-        router = Router(
-            mean,
-            None,
-            torch.zeros(1, d_in, device=device),
-            torch.tensor([n], device=device),
-        )
-        router.fit_info = RouterFitInfo(
-            inertia=float("nan"), n_tokens=n, time_s=time.perf_counter() - t0
-        )
-        _warn_small(router.counts, min_cluster_tokens)
-        return router
 
-    p = _resolve_pca_dim(d_in, pca_dim, pca_factor)
+def _single_cluster_router(x: Tensor, device: torch.device) -> Router:
+    """The trivial ``k = 1`` router of ``x: [n, d_in]``: no PCA, every token to expert 0."""
+    n, d_in = x.shape
+    mean = _mean64(x, device)
+    router = Router(
+        mean, None, torch.zeros(1, d_in, device=device), torch.tensor([n], device=device)
+    )
+    router.fit_info = RouterFitInfo(inertia=float("nan"), n_tokens=n)
+    return router
+
+
+def _kmeans_router(
+    x: Tensor,
+    k: int,
+    p: int,
+    restarts: int,
+    max_iter: int,
+    tol: float,
+    seed: int,
+    device: torch.device,
+) -> Router:
+    r"""PCA (to ``p`` dimensions; ``p = 0``: none) + k-means router of ``x: [n, d_in]``, k >= 2.
+
+    The centroids are those of the restart with the lowest inertia; ``counts`` and
+    ``fit_info.inertia`` come from the final routing :math:`e(x_t)` of every token.
+    """
+    n, d_in = x.shape
     if p:
         mean, comps, ratio = _pca(x, p, device)
-        router = Router(mean, comps, torch.zeros(n_clusters, p, device=device))
+        router = Router(mean, comps, torch.zeros(k, p, device=device))
     else:
-        mean = torch.zeros(d_in, dtype=torch.float64, device=device)
-        for i in range(0, n, _CHUNK):
-            mean += x[i : i + _CHUNK].to(device).sum(0, dtype=torch.float64)
-        mean /= n
+        mean = _mean64(x, device)
         ratio = torch.zeros(0, dtype=torch.float64)
-        router = Router(mean, None, torch.zeros(n_clusters, d_in, device=device))
+        router = Router(mean, None, torch.zeros(k, d_in, device=device))
     # Projected data [n, p] in exactly the arithmetic route() uses.
     z = torch.cat([router.project(x[i : i + _CHUNK].to(device)) for i in range(0, n, _CHUNK)])
     z64 = z.to(torch.float64)
     tol_abs = tol * float(z64.var(0, unbiased=False).mean()) if n > 1 else 0.0
+    centers, n_iter, converged, restart_inertia = _best_kmeans(
+        z, z64, k, restarts, max_iter, tol_abs, seed, device
+    )
+    router.centroids.copy_(centers.to(torch.float32))
+    labels = _assign(z, router.centroids)
+    router.counts.copy_(torch.bincount(labels, minlength=k))
+    c = router.centroids.to(torch.float64)
+    router.fit_info = RouterFitInfo(
+        inertia=float(((z64 - c[labels]) ** 2).sum()),
+        restart_inertia=restart_inertia,
+        n_iter=n_iter,
+        converged=converged,
+        explained_variance_ratio=ratio.to(torch.float32).cpu(),
+        n_tokens=n,
+    )
+    return router
 
+
+def _best_kmeans(
+    z: Tensor,
+    z64: Tensor,
+    k: int,
+    restarts: int,
+    max_iter: int,
+    tol: float,
+    seed: int,
+    device: torch.device,
+) -> tuple[Tensor, int, bool, list[float]]:
+    r"""k-means++ + Lloyd ``restarts`` times on ``z: [n, p]`` (``z64`` its float64 copy).
+
+    Returns the centres ``[k, p]`` (float64), iterations and convergence of the restart with
+    the lowest inertia :math:`\sum_t \lVert z_t - c_{e(t)} \rVert^2`, and every restart's
+    inertia in run order.  One ``torch.Generator`` seeded with ``seed`` on ``device`` serves all
+    restarts.
+    """
     zz = (z64 * z64).sum(1)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     best: tuple[float, Tensor, int, bool] | None = None
     restart_inertia = []
-    with _few_threads(device):
+    with cpu_threads(1, device):  # small [n, p] kernels (see .threads)
         for _ in range(restarts):
-            centers = _kmeans_pp(z64, zz, n_clusters, gen)
-            centers, n_iter, converged = _lloyd(z, z64, centers, max_iter, tol_abs)
+            centers = _kmeans_pp(z64, zz, k, gen)
+            centers, n_iter, converged = _lloyd(z, z64, centers, max_iter, tol)
             labels = _assign(z, centers)
             inertia = float(((z64 - centers[labels]) ** 2).sum())
             restart_inertia.append(inertia)
             if best is None or inertia < best[0]:
                 best = (inertia, centers, n_iter, converged)
     assert best is not None
-    router.centroids.copy_(best[1].to(torch.float32))
-    labels = _assign(z, router.centroids)
-    router.counts.copy_(torch.bincount(labels, minlength=n_clusters))
-    c = router.centroids.to(torch.float64)
-    router.fit_info = RouterFitInfo(
-        inertia=float(((z64 - c[labels]) ** 2).sum()),
-        restart_inertia=restart_inertia,
-        n_iter=best[2],
-        converged=best[3],
-        explained_variance_ratio=ratio.to(torch.float32).cpu(),
-        n_tokens=n,
-        time_s=time.perf_counter() - t0,
-    )
-    _warn_small(router.counts, min_cluster_tokens)
-    return router
+    return best[1], best[2], best[3], restart_inertia
 
 
 def _warn_small(counts: Tensor, min_tokens: int) -> None:

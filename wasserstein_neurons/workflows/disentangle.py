@@ -88,7 +88,7 @@ class DisentangleConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         Held-out tokens (consecutive windows of the evaluation split).
     pca_factor, kmeans_restarts : int
         Router settings (paper: 32 and 100). ``kmeans_restarts`` defaults to the Sparse
-        Expansion builder's :data:`~wasserstein_neurons.expansion.builder.DEFAULT_KMEANS_RESTARTS`.
+        Expansion builder's :data:`~wasserstein_neurons.expansion.DEFAULT_KMEANS_RESTARTS`.
     top_percent : float
         Wasserstein neurons = top ``top_percent``% by WD.
     plot_neurons : int

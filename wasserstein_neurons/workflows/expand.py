@@ -10,7 +10,7 @@ or SparseGPT / Sparse Expansion (SE) with :math:`k` experts, pruned to a target 
   sparse kernels: :math:`2\,\mathrm{nnz}(W)` for a pruned linear; for SE the expected
   :math:`\sum_e f_e\, 2\,\mathrm{nnz}(W_e)` over the calibration routing frequencies
   :math:`f_e` plus the router (PCA projection and centroid distances), a router shared by
-  Llama's gate and up counted once (:func:`~wasserstein_neurons.expansion.builder.mlp_cost`);
+  Llama's gate and up counted once (:func:`~wasserstein_neurons.expansion.mlp_cost`);
 * ``params`` — stored MLP parameters: nonzero weights of every expert, biases and routers.
   SE keeps the per-token FLOPs of one sparse layer while its parameters grow about
   :math:`k\times`.
@@ -128,14 +128,14 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     sparsity, prunen, prunem, wbits :
         Target of :func:`run_expand` (n:m, when set, overrides ``sparsity``).
     pca_factor, kmeans_restarts, min_cluster_tokens, within_layer_sequential :
-        Passed to :class:`~wasserstein_neurons.expansion.builder.ExpansionConfig`.
+        Passed to :class:`~wasserstein_neurons.expansion.ExpansionConfig`.
     nsamples, seed :
         Calibration windows (``nsamples`` x ``seqlen``, seeded; the same seed seeds k-means).
     grid_sparsities, grid_experts, baselines :
         The grid of :func:`run_grid` (sparsities as strings such as ``"0.5"`` or ``"2:4"``).
     save : str or None
         :func:`run_expand`: also write the SE model with
-        :func:`~wasserstein_neurons.expansion.builder.save_expanded` to this folder.
+        :func:`~wasserstein_neurons.expansion.save_expanded` to this folder.
     overwrite : bool
         Replace a finished run in ``out``.
     resume : bool
@@ -334,7 +334,7 @@ def run_expand(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     Writes ``results.csv`` (columns :data:`RESULT_COLUMNS`, one row per model: ``dense``,
     ``sparsegpt``, ``sparse_expansion``), ``layers.csv`` (the builders' per-linear summaries)
     and ``config.json`` to ``cfg.out``; with ``cfg.save``, also the SE model
-    (:func:`~wasserstein_neurons.expansion.builder.save_expanded`).  With ``experts == 1``
+    (:func:`~wasserstein_neurons.expansion.save_expanded`).  With ``experts == 1``
     only the SparseGPT row is built.
 
     Returns

@@ -1,0 +1,111 @@
+r"""Per-token FLOPs, stored parameters and bytes of MLP linears (plain or expanded).
+
+* a plain (pruned) linear :math:`y = W x + b`: :math:`2\,\mathrm{nnz}(W)` FLOPs per token,
+  :math:`\mathrm{nnz}(W) + |b|` parameters, every stored element in bytes;
+* an :class:`~wasserstein_neurons.expansion.ExpertRoutedLinear`: its own
+  :meth:`~ExpertRoutedLinear.flops_per_token` (expected over the calibration routing
+  frequencies), :meth:`~ExpertRoutedLinear.num_parameters` and
+  :meth:`~ExpertRoutedLinear.nbytes`, the router counted once when shared (Llama gate/up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from torch import Tensor, nn
+
+from .expert_linear import ExpertRoutedLinear
+
+__all__ = ["expanded_modules", "linear_costs", "mlp_cost"]
+
+
+def _mlp_linears(model) -> Iterator[tuple[int, str, nn.Module]]:
+    """``(layer, role, module)`` of every MLP linear of ``model``, layer by layer."""
+    adapter, hf = model.adapter, model.hf_model
+    for layer in range(adapter.n_layers):
+        for role in adapter.roles:
+            yield layer, role, adapter.linear(hf, layer, role)
+
+
+def _nnz(t: Tensor | None) -> int:
+    return 0 if t is None else int((t != 0).sum())
+
+
+def _plain_cost(module: nn.Module) -> tuple[int, float, int]:
+    """(params, flops_per_token, nbytes) of a plain linear: nonzeros, ``2 nnz(W)``, storage."""
+    w, b = module.weight, getattr(module, "bias", None)
+    nnz = _nnz(w)
+    params = nnz + (0 if b is None else b.numel())
+    nbytes = w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
+    return params, 2.0 * nnz, nbytes
+
+
+def linear_costs(modules: Iterable[nn.Module]) -> Iterator[tuple[int, float, int]]:
+    """``(params, flops_per_token, nbytes)`` of each MLP linear, plain or expanded.
+
+    A plain linear costs :func:`_plain_cost`; an :class:`ExpertRoutedLinear` its
+    :meth:`~ExpertRoutedLinear.num_parameters`, :meth:`~ExpertRoutedLinear.flops_per_token`
+    and :meth:`~ExpertRoutedLinear.nbytes`, its router included only at the first module
+    that uses that router object (Llama gate/up share one).
+    """
+    seen: set[int] = set()
+    for module in modules:
+        if not isinstance(module, ExpertRoutedLinear):
+            yield _plain_cost(module)
+            continue
+        first = id(module.router) not in seen
+        seen.add(id(module.router))
+        yield (
+            module.num_parameters(include_router=first),
+            module.flops_per_token(include_router=first),
+            module.nbytes(include_router=first),
+        )
+
+
+def _dense_params(module: nn.Module) -> int:
+    """Weights + bias of the dense linear that ``module`` (plain or expanded) replaces."""
+    bias = getattr(module, "bias", None)
+    n_bias = 0 if bias is None else bias.numel()
+    if isinstance(module, ExpertRoutedLinear):
+        return module.in_features * module.out_features + n_bias
+    return module.weight.numel() + n_bias
+
+
+def expanded_modules(model) -> dict[tuple[int, str], ExpertRoutedLinear]:
+    """Every :class:`ExpertRoutedLinear` in the MLPs of ``model``, keyed ``(layer, role)``."""
+    return {
+        (layer, role): module
+        for layer, role, module in _mlp_linears(model)
+        if isinstance(module, ExpertRoutedLinear)
+    }
+
+
+def mlp_cost(model) -> dict[str, float]:
+    r"""Per-token FLOPs, stored parameters and bytes of all MLP linears of ``model``.
+
+    * plain linear: :math:`2\,\mathrm{nnz}(W)` FLOPs, :math:`\mathrm{nnz}(W) + |b|` parameters;
+    * :class:`ExpertRoutedLinear`: :meth:`~ExpertRoutedLinear.flops_per_token` (expected over
+      the calibration routing frequencies, router included) and
+      :meth:`~ExpertRoutedLinear.num_parameters` (nonzeros of all experts + router); a router
+      shared by several modules (Llama gate/up) is counted once.
+
+    Returns
+    -------
+    dict
+        ``flops_per_token``, ``params`` (nonzero weights + biases + routers), ``nbytes``
+        (actual storage) and ``dense_params`` (weights + biases of the dense MLP linears).
+    """
+    modules = [module for _, _, module in _mlp_linears(model)]
+    flops = 0.0
+    params = 0
+    nbytes = 0
+    for p, f, b in linear_costs(modules):
+        params += p
+        flops += f
+        nbytes += b
+    return {
+        "flops_per_token": flops,
+        "params": int(params),
+        "nbytes": int(nbytes),
+        "dense_params": int(sum(_dense_params(m) for m in modules)),
+    }
