@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,16 @@ def module_inputs(model, module, ids, batch_size=4):
     finally:
         h.remove()
     return torch.cat(chunks)
+
+
+def manual_forward(layer, x):
+    """Per-token reference: y_t = W_{e(t)} x_t + b (numpy float64, independent of the module)."""
+    ids = layer.router.route(x).cpu().numpy()
+    w = layer.dense_weights().double().cpu().numpy()
+    xn = x.double().cpu().numpy()
+    y = np.stack([w[e] @ xt for e, xt in zip(ids, xn, strict=True)])
+    if layer.bias is not None:
+        y += layer.bias.double().detach().cpu().numpy()
+    if layer.expert_bias is not None:
+        y += layer.expert_bias.double().detach().cpu().numpy()[ids]
+    return y, ids

@@ -25,13 +25,41 @@ def _zscore(values) -> np.ndarray:
     return (x - x.mean()) / std if std > 0 else x - x.mean()
 
 
+def _own_axes(ax, figsize: tuple[float, float]):
+    """``(fig, ax)``: a new figure and axes when ``ax`` is None, else ``(None, ax)``."""
+    if ax is not None:
+        return None, ax
+    return plt.subplots(figsize=figsize)
+
+
+def _finish(fig, ax, tight: bool = True):
+    """The figure to return: the new one (laid out) or the one ``ax`` was drawn into."""
+    if fig is None:
+        return ax.figure
+    if tight:
+        fig.tight_layout()
+    return fig
+
+
+def _outline_hist(ax, values, value_range, bins: int, color: str, label: str) -> None:
+    """A density histogram drawn as an outline (sparse outputs over a filled dense one)."""
+    ax.hist(
+        values,
+        bins=bins,
+        range=value_range,
+        density=True,
+        histtype="step",
+        lw=1.4,
+        color=color,
+        label=label,
+    )
+
+
 def plot_neuron_histogram(
     values, wd: float | None = None, title: str = "", ax=None, bins: int = 120, color: str = "C0"
 ):
     """Histogram of one neuron's z-scored outputs ``[tokens]`` with the N(0, 1) density."""
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = _own_axes(ax, (4.5, 3.2))
     z = _zscore(values)
     lo, hi = np.percentile(z, [0.05, 99.95])
     lo, hi = min(lo, -4.0), max(hi, 4.0)
@@ -50,7 +78,7 @@ def plot_neuron_histogram(
     ax.set_title(label, fontsize=9)
     ax.set_xlabel("z")
     ax.set_yticks([])
-    return fig if fig is not None else ax.figure
+    return _finish(fig, ax, tight=False)
 
 
 def plot_layer_grid(activations, table: pd.DataFrame, hook: str, per_group: int = 3):
@@ -195,34 +223,21 @@ def plot_sparse_vs_dense(
     """
     from scipy.stats import wasserstein_distance
 
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    fig, ax = _own_axes(ax, (5.0, 3.4))
     dense = np.asarray(dense, dtype=np.float64).ravel()
     lo, hi = _central_range(dense, *sparse.values())
     ax.hist(dense, bins=bins, range=(lo, hi), density=True, color="0.55", alpha=0.55, label="dense")
     for i, (label, values) in enumerate(sparse.items()):
         values = np.asarray(values, dtype=np.float64).ravel()
         w1 = wasserstein_distance(values, dense)
-        ax.hist(
-            values,
-            bins=bins,
-            range=(lo, hi),
-            density=True,
-            histtype="step",
-            lw=1.4,
-            color=f"C{i}",
-            label=f"{label}  W1={w1:.3g}",
-        )
+        _outline_hist(ax, values, (lo, hi), bins, f"C{i}", f"{label}  W1={w1:.3g}")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("output (pre-activation); central 99.98% shown")
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    if fig is not None:
-        fig.tight_layout()
-    return fig if fig is not None else ax.figure
+    return _finish(fig, ax)
 
 
 def plot_outputs_by_expert(
@@ -247,9 +262,7 @@ def plot_outputs_by_expert(
     -------
     matplotlib.figure.Figure
     """
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    fig, ax = _own_axes(ax, (5.0, 3.4))
     values = np.asarray(values, dtype=np.float64).ravel()
     labels = np.asarray(labels).astype(np.int64).ravel()
     k = int(labels.max()) + 1 if labels.size else 1
@@ -271,9 +284,7 @@ def plot_outputs_by_expert(
     ax.set_xlabel("dense output; central 99.98% shown")
     ax.set_ylabel("tokens")
     ax.set_title(title or f"dense outputs by expert ({k} experts)", fontsize=9)
-    if fig is not None:
-        fig.tight_layout()
-    return fig if fig is not None else ax.figure
+    return _finish(fig, ax)
 
 
 def plot_ri_vs_wd(table: pd.DataFrame, experts, top_column: str = "is_top"):
@@ -358,16 +369,8 @@ def plot_expansion_panels(
         ax.hist(
             dense, bins=bins, range=(lo, hi), density=True, color="0.55", alpha=0.55, label="dense"
         )
-        ax.hist(
-            values,
-            bins=bins,
-            range=(lo, hi),
-            density=True,
-            histtype="step",
-            lw=1.4,
-            color="C3",
-            label="SparseGPT" if k == 1 else f"SE, {k} experts",
-        )
+        label = "SparseGPT" if k == 1 else f"SE, {k} experts"
+        _outline_hist(ax, values, (lo, hi), bins, "C3", label)
         ax.set_title(f"k={k}: W1(sparse, dense) = {w1:.3g}", fontsize=9)
         ax.legend(fontsize=7)
         ax.set_yticks([])

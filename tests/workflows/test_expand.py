@@ -25,7 +25,7 @@ from wasserstein_neurons.workflows import (
     run_grid,
     run_prune,
 )
-from wasserstein_neurons.workflows.expand import RESULT_COLUMNS
+from wasserstein_neurons.workflows.expand import RESULT_COLUMNS, parse_sparsity
 
 KEY = ["method", "experts", "pattern"]
 
@@ -246,3 +246,76 @@ def test_bad_config_rejected_before_any_folder(tiny_dir, corpus, tmp_path, kw, g
     with pytest.raises(ValueError, match=message):
         (run_grid if grid else run_expand)(cfg, progress=False)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------- more run_expand / run_grid
+
+
+def run_cfg(tiny_dir, corpus, out, **kw):
+    base = dict(
+        model=str(tiny_dir),
+        dataset=str(corpus),
+        seqlen=32,
+        eval_tokens=64,
+        batch_size=4,
+        nsamples=6,
+        kmeans_restarts=2,
+        min_cluster_tokens=0,
+        out=str(out),
+    )
+    base.update(kw)
+    return ExpandConfig(**base)
+
+
+def test_run_expand_writes_results(tiny_dir, corpus, tmp_path):
+    run = run_cfg(
+        tiny_dir, corpus, tmp_path / "run", experts=3, sparsity=0.7, save=str(tmp_path / "m")
+    )
+    table = run_expand(run, progress=False)
+    saved = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert tuple(saved.columns) == RESULT_COLUMNS
+    assert saved["method"].tolist() == ["dense", "sparse_expansion", "sparsegpt"]
+    assert saved["experts"].tolist() == [1, 3, 1]
+    assert saved.loc[1:, "sparsity"].tolist() == [0.7, 0.7]
+    assert (saved["perplexity"] > 1).all() and (saved["flops_per_token"] > 0).all()
+    dense, se, sgpt = saved.to_dict(orient="records")
+    assert se["params"] > sgpt["params"] and sgpt["params"] < dense["params"]
+    assert sgpt["flops_per_token"] == pytest.approx(0.3 * dense["flops_per_token"], rel=0.02)
+    assert table["perplexity"].tolist() == pytest.approx(saved["perplexity"].tolist())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["finished"] and config["config"]["experts"] == 3
+    assert (tmp_path / "m" / "expansion.json").is_file()
+
+
+def test_run_grid_and_plot(tiny_dir, corpus, tmp_path):
+    from wasserstein_neurons.plotting import plot_expansion_grid
+
+    grid = dict(grid_sparsities=("0.5", "2:4"), grid_experts=(1, 2), baselines=("wanda",))
+    table = run_grid(run_cfg(tiny_dir, corpus, tmp_path / "grid", **grid), progress=False)
+    assert tuple(table.columns) == RESULT_COLUMNS
+    cells = set(zip(table["method"], table["experts"], table["pattern"], strict=True))
+    assert cells == {
+        ("dense", 1, "dense"),
+        *{(m, 1, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4")},
+        ("sparse_expansion", 2, "0.5"),
+        ("sparse_expansion", 2, "2:4"),
+    }
+    assert json.loads((tmp_path / "grid" / "config.json").read_text())["finished"]
+    assert (tmp_path / "grid" / "grid.png").stat().st_size > 0
+    # resume: nothing left to do, the same rows
+    again = run_grid(
+        run_cfg(tiny_dir, corpus, tmp_path / "grid", resume=True, **grid), progress=False
+    )
+    assert again["perplexity"].tolist() == pytest.approx(table["perplexity"].tolist())
+    fig = plot_expansion_grid(table)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["0.5", "2:4"]
+
+
+def test_bad_settings_are_rejected(tiny_dir, corpus, tmp_path):
+    with pytest.raises(ValueError, match="n:m"):
+        run_cfg(tiny_dir, corpus, tmp_path, prunen=2).validate()
+    with pytest.raises(ValueError, match="malformed"):
+        parse_sparsity("2-4")
+    with pytest.raises(ValueError, match="baseline"):
+        run_cfg(tiny_dir, corpus, tmp_path, baselines=("sparsegpt",)).validate(grid=True)

@@ -370,20 +370,26 @@ class Pruner(ABC):
     default_per_row: ClassVar[bool] = True
     #: Whether :meth:`prune` needs :meth:`add_batch` to have been called.
     needs_calibration: ClassVar[bool] = True
+    #: Accumulation dtype of the statistics when none is given.
+    default_dtype: ClassVar[torch.dtype] = torch.float32
 
     def __init__(
         self,
         d_in: int,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(d_in, int) or d_in < 1:
             raise ValueError(f"d_in must be a positive integer, got {d_in!r}")
         self.d_in = d_in
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
+        self.dtype = self.default_dtype if dtype is None else dtype
         #: Number of calibration tokens (rows of the flattened inputs) seen so far.
         self.nsamples = 0
+        self._init_statistics()
+
+    def _init_statistics(self) -> None:  # noqa: B027 - optional hook
+        """Allocate zeroed calibration statistics (called by ``__init__`` and :meth:`reset`)."""
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
@@ -412,6 +418,7 @@ class Pruner(ABC):
     def reset(self) -> None:
         """Forget all calibration statistics."""
         self.nsamples = 0
+        self._init_statistics()
 
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()

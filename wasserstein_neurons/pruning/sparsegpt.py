@@ -83,15 +83,9 @@ class SparseGPTPruner(Pruner):
     supports_quantization = True
     default_per_row = True
 
-    def __init__(
-        self,
-        d_in: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__(d_in, device, dtype)
+    def _init_statistics(self) -> None:
         #: Hessian ``2/N X X^T``, shape ``[in, in]``.
-        self.H = torch.zeros(d_in, d_in, device=self.device, dtype=dtype)
+        self.H = torch.zeros(self.d_in, self.d_in, device=self.device, dtype=self.dtype)
 
     @classmethod
     def from_hessian(
@@ -122,10 +116,6 @@ class SparseGPTPruner(Pruner):
         # H_N = H_{N0} * N0 / N + (2 / N) x^T x   (x: [tokens, in])
         n_new = self.nsamples + x.shape[0]
         self.H.addmm_(x.T, x, beta=self.nsamples / n_new, alpha=2.0 / n_new)
-
-    def reset(self) -> None:
-        super().reset()
-        self.H.zero_()
 
     def _inverse_cholesky(self, H: Tensor, percdamp: float) -> Tensor:
         """Damp ``H`` in place and return the upper Cholesky factor ``U`` of ``H^-1``."""

@@ -46,24 +46,16 @@ class WandaPruner(Pruner):
 
     name = "wanda"
     default_per_row = True
+    default_dtype = torch.float64
 
-    def __init__(
-        self,
-        d_in: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> None:
-        super().__init__(d_in, device, dtype)
-        self.sq_mean = torch.zeros(d_in, device=self.device, dtype=dtype)
+    def _init_statistics(self) -> None:
+        #: Running mean of :math:`x_j^2` over calibration tokens, shape ``[in]``.
+        self.sq_mean = torch.zeros(self.d_in, device=self.device, dtype=self.dtype)
 
     def _accumulate(self, x: Tensor) -> None:
         # running mean over tokens: m_N = m_{N0} * N0/N + sum_t x_t^2 / N
         n_new = self.nsamples + x.shape[0]
         self.sq_mean.mul_(self.nsamples / n_new).add_(x.square().sum(0), alpha=1.0 / n_new)
-
-    def reset(self) -> None:
-        super().reset()
-        self.sq_mean.zero_()
 
     @property
     def input_norms(self) -> Tensor:

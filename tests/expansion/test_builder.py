@@ -1,4 +1,4 @@
-"""Tests of the Sparse Expansion builder, save/load and the evaluation workflows (tiny models)."""
+"""Tests of the Sparse Expansion builder, its costs and save/load (tiny random models)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import warnings
 from contextlib import contextmanager, nullcontext
 
-import pandas as pd
 import pytest
 import torch
 from conftest import make_config, make_tiny_model, make_tokenizer
@@ -28,11 +27,7 @@ from wasserstein_neurons.expansion import (
 )
 from wasserstein_neurons.pruning import PruneSpec, n_to_prune, sequential_prune
 from wasserstein_neurons.workflows.expand import (
-    RESULT_COLUMNS,
-    ExpandConfig,
     parse_sparsity,
-    run_expand,
-    run_grid,
 )
 
 N_WINDOWS, SEQLEN, BATCH = 6, 32, 4  # two calibration batches, the last one smaller
@@ -315,77 +310,7 @@ def test_load_expanded_from_a_model_folder(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
-# ------------------------------------------------------------------------------ workflows
-
-
-def run_cfg(tiny_dir, corpus, out, **kw):
-    base = dict(
-        model=str(tiny_dir),
-        dataset=str(corpus),
-        seqlen=32,
-        eval_tokens=64,
-        batch_size=4,
-        nsamples=6,
-        kmeans_restarts=2,
-        min_cluster_tokens=0,
-        out=str(out),
-    )
-    base.update(kw)
-    return ExpandConfig(**base)
-
-
-def test_run_expand_writes_results(tiny_dir, corpus, tmp_path):
-    run = run_cfg(
-        tiny_dir, corpus, tmp_path / "run", experts=3, sparsity=0.7, save=str(tmp_path / "m")
-    )
-    table = run_expand(run, progress=False)
-    saved = pd.read_csv(tmp_path / "run" / "results.csv")
-    assert tuple(saved.columns) == RESULT_COLUMNS
-    assert saved["method"].tolist() == ["dense", "sparse_expansion", "sparsegpt"]
-    assert saved["experts"].tolist() == [1, 3, 1]
-    assert saved.loc[1:, "sparsity"].tolist() == [0.7, 0.7]
-    assert (saved["perplexity"] > 1).all() and (saved["flops_per_token"] > 0).all()
-    dense, se, sgpt = saved.to_dict(orient="records")
-    assert se["params"] > sgpt["params"] and sgpt["params"] < dense["params"]
-    assert sgpt["flops_per_token"] == pytest.approx(0.3 * dense["flops_per_token"], rel=0.02)
-    assert table["perplexity"].tolist() == pytest.approx(saved["perplexity"].tolist())
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["finished"] and config["config"]["experts"] == 3
-    assert (tmp_path / "m" / "expansion.json").is_file()
-
-
-def test_run_grid_and_plot(tiny_dir, corpus, tmp_path):
-    from wasserstein_neurons.plotting import plot_expansion_grid
-
-    grid = dict(grid_sparsities=("0.5", "2:4"), grid_experts=(1, 2), baselines=("wanda",))
-    table = run_grid(run_cfg(tiny_dir, corpus, tmp_path / "grid", **grid), progress=False)
-    assert tuple(table.columns) == RESULT_COLUMNS
-    cells = set(zip(table["method"], table["experts"], table["pattern"], strict=True))
-    assert cells == {
-        ("dense", 1, "dense"),
-        *{(m, 1, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4")},
-        ("sparse_expansion", 2, "0.5"),
-        ("sparse_expansion", 2, "2:4"),
-    }
-    assert json.loads((tmp_path / "grid" / "config.json").read_text())["finished"]
-    assert (tmp_path / "grid" / "grid.png").stat().st_size > 0
-    # resume: nothing left to do, the same rows
-    again = run_grid(
-        run_cfg(tiny_dir, corpus, tmp_path / "grid", resume=True, **grid), progress=False
-    )
-    assert again["perplexity"].tolist() == pytest.approx(table["perplexity"].tolist())
-    fig = plot_expansion_grid(table)
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["0.5", "2:4"]
-
-
-def test_bad_settings_are_rejected(tiny_dir, corpus, tmp_path):
-    with pytest.raises(ValueError, match="n:m"):
-        run_cfg(tiny_dir, corpus, tmp_path, prunen=2).validate()
-    with pytest.raises(ValueError, match="malformed"):
-        parse_sparsity("2-4")
-    with pytest.raises(ValueError, match="baseline"):
-        run_cfg(tiny_dir, corpus, tmp_path, baselines=("sparsegpt",)).validate(grid=True)
+def test_bad_builder_settings_are_rejected():
     with pytest.raises(ValueError, match="n_experts"):
         ExpansionConfig(n_experts=0)
     with pytest.raises(ValueError, match="unknown role"):
