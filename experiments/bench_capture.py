@@ -25,9 +25,7 @@ import time
 def child(mode: str, n_tokens: int, seqlen: int, batch_size: int) -> dict:
     import torch
 
-    from wasserstein_neurons.capture import capture_activations
-    from wasserstein_neurons.data import load_tokens, sample_windows
-    from wasserstein_neurons.models import load_model
+    from wasserstein_neurons import capture_activations, load_model, load_tokens, sample_windows
 
     model = load_model()
     tokens = load_tokens(model.tokenizer, "embedded", "calibration")

@@ -88,14 +88,18 @@ def worker(args) -> None:
     """One setting in this process: build (timed, peak RSS) and perplexity -> JSON."""
     import warnings
 
-    from wasserstein_neurons.data import calibration_windows, evaluation_windows, load_tokens
-    from wasserstein_neurons.evaluate import perplexity
+    from wasserstein_neurons import (
+        calibration_windows,
+        evaluation_windows,
+        load_model,
+        load_tokens,
+        perplexity,
+    )
     from wasserstein_neurons.expansion import (
         ExpansionConfig,
         build_sparse_expansion,
         mlp_cost,
     )
-    from wasserstein_neurons.models import load_model
 
     t0 = time.perf_counter()
     model = load_model(args.model, device=args.device)

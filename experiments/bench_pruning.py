@@ -27,9 +27,13 @@ import time
 import pandas as pd
 import torch
 
-from wasserstein_neurons.data import calibration_windows, evaluation_windows, load_tokens
-from wasserstein_neurons.evaluate import perplexity
-from wasserstein_neurons.models import load_model
+from wasserstein_neurons import (
+    calibration_windows,
+    evaluation_windows,
+    load_model,
+    load_tokens,
+    perplexity,
+)
 from wasserstein_neurons.pruning import (
     PruneSpec,
     make_pruner,

@@ -30,7 +30,7 @@ import torch
 from scipy import integrate
 from scipy.special import ndtr
 
-from wasserstein_neurons.wasserstein import wasserstein_to_gaussian
+from wasserstein_neurons import wasserstein_to_gaussian
 
 SEQLEN = 512
 
@@ -43,8 +43,7 @@ SEQLEN = 512
 def _load_model_and_tokens(n_tokens: int, seed: int):
     """(hf_model, token windows [n, SEQLEN]) via the library, else straight from the wheels."""
     try:
-        from wasserstein_neurons.data import load_tokens, sample_windows
-        from wasserstein_neurons.models import load_model
+        from wasserstein_neurons import load_model, load_tokens, sample_windows
 
         loaded = load_model("smollm2-135m", device="cpu")
         tokens = load_tokens(loaded.tokenizer, "embedded", "calibration")

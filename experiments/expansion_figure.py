@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from wasserstein_neurons.workflows.expand import (
+from wasserstein_neurons.workflows import (
     BASELINES,
     EXPERT_GRID,
     SPARSITY_GRID,

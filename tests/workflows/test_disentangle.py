@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TEXT, make_tiny_model
+from conftest import make_tiny_model
 
 from wasserstein_neurons.disentangle import (
     BASE_COLUMNS,
@@ -24,15 +24,6 @@ def test_bad_settings_are_clear():
         DisentangleConfig(sparsity=1.0).validate()
     with pytest.raises(ValueError, match="eval.tokens"):
         DisentangleConfig(eval_tokens=10, seqlen=32).validate()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    sentences = TINY_TEXT.split(". ")
-    docs = [". ".join(sentences[i : i + 6]) + f" document {i}." for i in range(len(sentences))]
-    path.write_text("\n\n".join(docs * 4))
-    return path
 
 
 def test_run_disentangle_writes_table_and_plots(corpus, tmp_path):

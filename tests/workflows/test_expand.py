@@ -30,16 +30,6 @@ from wasserstein_neurons.workflows.expand import RESULT_COLUMNS, parse_sparsity
 KEY = ["method", "experts", "pattern"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: SparseGPT's rounding depends on the thread count, and the builder runs its
-    SparseGPT loops single-threaded (``cpu_threads=1``); tiny models gain nothing from more."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def settings(tiny_dir, corpus) -> dict:
     return dict(model=str(tiny_dir), dataset=str(corpus), seqlen=32, eval_tokens=128, batch_size=4)
 

@@ -25,14 +25,6 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 EVAL = dict(seqlen=32, eval_tokens=128, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def settings(tiny_dir, corpus) -> dict:
     return dict(model=str(tiny_dir), dataset=str(corpus), **EVAL)
 

@@ -9,7 +9,6 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.special import ndtr, ndtri
 from scipy.stats import wasserstein_distance
 
@@ -19,14 +18,6 @@ from wasserstein_neurons.runs import RunExistsError
 from wasserstein_neurons.workflows import RankConfig, RankResult, run_rank
 
 TOKENS, SEQLEN, D_MLP, N_LAYERS = 1024, 32, 128, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def rank_cfg(tiny_dir, corpus, out, **kw) -> RankConfig:

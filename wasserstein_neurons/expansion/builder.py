@@ -268,10 +268,10 @@ class ExpansionConfig:
 
     def spec(self, rows: Tensor | None = None) -> PruneSpec:
         """The SparseGPT :class:`~wasserstein_neurons.pruning.PruneSpec` of every expert."""
-        return PruneSpec(
-            sparsity=0.0 if self.prunem else self.sparsity,
-            prunen=self.prunen,
-            prunem=self.prunem,
+        return PruneSpec.from_settings(
+            self.sparsity,
+            self.prunen,
+            self.prunem,
             rows=rows,
             wbits=self.wbits,
             blocksize=self.blocksize,
@@ -281,7 +281,7 @@ class ExpansionConfig:
     @property
     def target_sparsity(self) -> float:
         """``prunen / prunem`` with n:m, else ``sparsity``."""
-        return self.prunen / self.prunem if self.prunem else float(self.sparsity)
+        return self.spec().target_sparsity
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (``neuron_rows`` as ``{"layer": [rows]}``)."""

@@ -31,11 +31,27 @@ from .common import (
     eval_windows_for,
 )
 from .disentangle import DisentangleConfig, run_disentangle, save_disentangle_plots
-from .expand import ExpandConfig, run_expand, run_grid
+from .expand import (
+    BASELINES,
+    EXPERT_GRID,
+    RESULT_COLUMNS,
+    SPARSITY_GRID,
+    ExpandConfig,
+    parse_sparsity,
+    run_expand,
+    run_grid,
+    save_grid_figure,
+)
 from .prune import PruneConfig, run_eval, run_prune, save_pruned
 from .rank import RankConfig, RankResult, run_rank
 
 __all__ = [
+    "BASELINES",
+    "EXPERT_GRID",
+    "RESULT_COLUMNS",
+    "SPARSITY_GRID",
+    "parse_sparsity",
+    "save_grid_figure",
     "AblateConfig",
     "CalibrationSettings",
     "DisentangleConfig",

@@ -1,0 +1,19 @@
+"""Workflow tests run torch on one thread.
+
+SparseGPT's float rounding depends on the thread count and the Sparse Expansion builder runs its
+SparseGPT loops single-threaded (``cpu_threads=1``), so bit-exact comparisons between a workflow
+and a direct library call need the same count; tiny models gain nothing from more threads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
