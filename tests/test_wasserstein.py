@@ -61,7 +61,7 @@ def quadrature_w1(x: np.ndarray) -> float:
 
 
 def dense_closed_form(x: np.ndarray) -> np.ndarray:
-    """The closed form of DESIGN.md section 1 evaluated on every element (no crossing trick)."""
+    """The closed form (ARCHITECTURE.md, "Science notes") on every element (no crossing trick)."""
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     z = np.sort((x - x.mean(0)) / x.std(0), axis=0)

@@ -76,9 +76,10 @@ packed right after it has been propagated, so calibration passes still run dense
 Calibration size
 ----------------
 Each expert sees only its cluster: with :math:`N` tokens and :math:`k` clusters the average
-cluster holds :math:`N / k` tokens.  DESIGN.md measures that 16 experts only pay off once each
-holds several :math:`d_{in}` tokens (64k calibration tokens for SmolLM2, i.e. the default
-128 x 512 windows).  A :class:`~wasserstein_neurons.expansion.SmallClusterWarning` is issued when
+cluster holds :math:`N / k` tokens.  Measured on the embedded model (ARCHITECTURE.md,
+"Science notes"), 16 experts only pay off once each holds several :math:`d_{in}` tokens (64k
+calibration tokens for SmolLM2, i.e. the default 128 x 512 windows).  A
+:class:`~wasserstein_neurons.expansion.SmallClusterWarning` is issued when
 a cluster holds fewer than ``min_cluster_tokens`` (default :math:`2 d_{in}`), and every summary
 row reports the smallest / largest cluster and how many were small.  An *empty* cluster (e.g.
 more experts than distinct inputs) has no Hessian: its expert is pruned with the Hessian of all
