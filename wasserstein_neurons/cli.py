@@ -144,6 +144,11 @@ def _add_sparsity(p: argparse.ArgumentParser, sparsity: float, help: str) -> Non
     p.add_argument("--sparsity", type=float, default=sparsity, help=help)
     p.add_argument("--prunen", type=int, default=0, help="n of n:m (e.g. 2 of 2:4)")
     p.add_argument("--prunem", type=int, default=0, help="m of n:m (e.g. 4 of 2:4)")
+    p.add_argument(
+        "--per-row",
+        action="store_true",
+        help="prune an exact share of every row (default: each method's reference rule)",
+    )
 
 
 def _add_subcommand(sub, name: str, help: str, func, nsamples: int | None = 128):

@@ -59,8 +59,8 @@ def test_exact_per_row_sparsity(method, sparsity, device):
     W, X = problem(device=device, d=40)
     W0 = W.clone()
     pruner = calibrated(method, X, device)
-    # per_row=True for magnitude; the default (per row) for Wanda and SparseGPT
-    spec = PruneSpec(sparsity=sparsity, per_row=True if method == "magnitude" else None)
+    # the per-row rule: Wanda's default, an option of magnitude and SparseGPT
+    spec = PruneSpec(sparsity=sparsity, per_row=True)
     res = pruner.prune(W, spec)
     zeros = (res.weight == 0).sum(1)
     assert torch.equal(zeros, torch.full_like(zeros, nearest(sparsity * 40)))
@@ -137,7 +137,7 @@ def test_row_restricted(method, device):
         assert torch.equal(res.weight[others], W0[others]), "unselected rows must be bit-identical"
         assert not res.mask[others].any()
         zeros = (res.weight[rows] == 0).sum(1)
-        if method == "magnitude" and per_row is None:  # per matrix over the selected rows
+        if method != "wanda" and per_row is None:  # per matrix (blocks) over the selected rows
             assert int(zeros.sum()) == nearest(0.9 * 4 * 32)
         else:
             assert torch.equal(zeros, torch.full_like(zeros, nearest(0.9 * 32)))
@@ -150,13 +150,13 @@ def test_row_restricted(method, device):
 
 
 def test_sparsegpt_rows_equal_full_matrix_rows():
-    # OBS updates never mix rows, so pruning a sub-matrix equals pruning everything and
-    # keeping those rows.
+    # OBS updates never mix rows, so with the per-row mask rule pruning a sub-matrix equals
+    # pruning everything and keeping those rows (the default block rule couples the rows).
     W, X = problem(out=10, d=32, dtype=torch.float64)
     pruner = calibrated("sparsegpt", X, dtype=torch.float64)
     rows = torch.tensor([0, 4, 7])
-    full = pruner.prune(W, PruneSpec(sparsity=0.6, blocksize=8)).weight
-    part = pruner.prune(W, PruneSpec(sparsity=0.6, blocksize=8, rows=rows)).weight
+    full = pruner.prune(W, PruneSpec(sparsity=0.6, blocksize=8, per_row=True)).weight
+    part = pruner.prune(W, PruneSpec(sparsity=0.6, blocksize=8, rows=rows, per_row=True)).weight
     torch.testing.assert_close(part[rows], full[rows], rtol=0, atol=1e-12)
 
 
@@ -177,13 +177,19 @@ def test_inplace_and_low_precision(method):
     assert torch.equal(Wb, res.weight)
 
 
-def test_sparsegpt_block_threshold_variant():
-    # per_row=False: reference-style threshold over each column block of all rows
+def test_sparsegpt_default_is_the_reference_block_rule():
+    # the default: one count over each column block of all rows (IST-DASLab's fasterprune),
+    # exactly the requested count per block (not the reference's `<=` extra weight)
     W, X = problem(out=8, d=32)
-    res = calibrated("sparsegpt", X).prune(W, PruneSpec(sparsity=0.5, blocksize=8, per_row=False))
+    pruner = calibrated("sparsegpt", X)
+    res = pruner.prune(W, PruneSpec(sparsity=0.5, blocksize=8))
     blocks = res.mask.reshape(8, 4, 8).sum((0, 2))
     assert blocks.tolist() == [32, 32, 32, 32]
     assert len(set(res.mask.sum(1).tolist())) > 1  # rows differ: not a per-row rule
+    explicit = pruner.prune(W, PruneSpec(sparsity=0.5, blocksize=8, per_row=False))
+    assert torch.equal(res.weight, explicit.weight)
+    per_row = pruner.prune(W, PruneSpec(sparsity=0.5, blocksize=8, per_row=True))
+    assert set(per_row.mask.sum(1).tolist()) == {16}
 
 
 def test_sparsegpt_dead_inputs():
@@ -304,7 +310,9 @@ def ref_quant_grid(W, bits):
     return quant
 
 
-def bruteforce_sparsegpt(W, H, sparsity=0.0, blocksize=128, percdamp=0.01, n=0, m=0, wbits=16):
+def bruteforce_sparsegpt(
+    W, H, sparsity=0.0, blocksize=128, percdamp=0.01, n=0, m=0, wbits=16, per_row=False
+):
     """Re-derivation of SparseGPT from the OBS formulas, without Cholesky or lazy updates.
 
     Columns are processed left to right.  ``F = {q, ..., d-1}`` are the unprocessed columns and
@@ -317,8 +325,10 @@ def bruteforce_sparsegpt(W, H, sparsity=0.0, blocksize=128, percdamp=0.01, n=0, 
     implementation divides ``w^2`` by the squared diagonal of the Cholesky factor ``U`` of
     ``H^-1``; since ``U[q, q:] = [H_F^-1]_{q,:} / sqrt([H_F^-1]_qq)``, ``U_qq^2 = [H_F^-1]_qq``,
     so both are the same quantity computed in independent ways.)  Unstructured: at the start of
-    every block, each row marks its ``round(s*i2) - round(s*i1)`` lowest saliencies in the
-    block; n:m: at the start of each group of ``m`` columns, the ``n`` lowest of the group.
+    every block, the reference's rule marks the ``round(s*r*i2) - round(s*r*i1)`` lowest
+    saliencies of the whole ``[r, block]`` slice (``per_row``: each row its
+    ``round(s*i2) - round(s*i1)`` lowest); n:m: at the start of each group of ``m`` columns,
+    the ``n`` lowest of the group.
     """
     W = W.clone()
     H = H.clone()
@@ -333,9 +343,14 @@ def bruteforce_sparsegpt(W, H, sparsity=0.0, blocksize=128, percdamp=0.01, n=0, 
             sal = torch.stack(
                 [W[:, c] ** 2 / Hf_invs[c][0, 0] for c in range(q, end)], dim=1
             )  # [r, block]
-            k = nearest(sparsity * end) - nearest(sparsity * q)
-            for j in range(r):
-                mask[j, q + torch.argsort(sal[j])[:k]] = True
+            if per_row:
+                k = nearest(sparsity * end) - nearest(sparsity * q)
+                for j in range(r):
+                    mask[j, q + torch.argsort(sal[j])[:k]] = True
+            else:
+                k = nearest(sparsity * r * end) - nearest(sparsity * r * q)
+                for flat in torch.argsort(sal.reshape(-1))[:k].tolist():
+                    mask[flat // (end - q), q + flat % (end - q)] = True
         if n > 0 and q % m == 0:
             sal = torch.stack([W[:, c] ** 2 / Hf_invs[c][0, 0] for c in range(q, q + m)], dim=1)
             for j in range(r):
@@ -359,6 +374,8 @@ def bruteforce_sparsegpt(W, H, sparsity=0.0, blocksize=128, percdamp=0.01, n=0, 
         dict(sparsity=0.5, blocksize=8),  # one block
         dict(sparsity=0.5, blocksize=4),  # two blocks: checks the lazy batch update
         dict(sparsity=0.4, blocksize=2),  # uneven per-block counts (cumulative rounding)
+        dict(sparsity=0.5, blocksize=4, per_row=True),  # the per-row variant
+        dict(sparsity=0.4, blocksize=2, per_row=True),
         dict(prunen=2, prunem=4, blocksize=8),
         dict(prunen=1, prunem=2, blocksize=4),
         dict(sparsity=0.25, blocksize=4, wbits=3),  # GPTQ-style quantization in the loop
@@ -385,6 +402,7 @@ def test_sparsegpt_matches_bruteforce_obs(kwargs):
         n=n,
         m=m,
         wbits=kwargs.get("wbits", 16),
+        per_row=kwargs.get("per_row", False),
     )
     assert torch.equal(res.mask, mask_bf)
     torch.testing.assert_close(res.weight, W_bf, rtol=0, atol=1e-9)
@@ -405,8 +423,9 @@ def test_quantization_levels(sparsity, device):
     for j in range(W.shape[0]):
         nonzero = res.weight[j][res.weight[j] != 0]
         assert torch.unique(nonzero).numel() <= 2**4 - 1  # the 16-level grid contains 0
-    # the mask has the exact per-row count; quantization may round a few more weights to 0
-    assert (res.mask.sum(1) == nearest(sparsity * 64)).all()
+    # the mask has the exact count (over all rows: the reference's block rule); quantization
+    # may round a few more weights to 0
+    assert int(res.mask.sum()) == nearest(sparsity * 64 * 16)
     assert (res.weight[res.mask] == 0).all()
     assert not torch.equal(res.weight, W)
     # GPTQ-style error feedback beats round-to-nearest on the calibration inputs

@@ -73,3 +73,13 @@ def test_snapshot_rows_and_columns_restore_bit_exact():
     snap.restore()
     assert torch.equal(w, before)
     assert snap.entries[0].rows is not None and snap.entries[1].rows is None
+
+
+def test_per_row_flag_reaches_the_specs():
+    from wasserstein_neurons.workflows import ExpandConfig, PruneConfig
+
+    assert PruneConfig().spec().per_row is None  # each method's reference rule
+    assert PruneConfig(per_row=True).spec().per_row is True
+    cell = ExpandConfig(per_row=True).expansion_config(4, 0.5)
+    assert cell.per_row and cell.spec().per_row is True
+    assert ExpandConfig().expansion_config(4, 0.5).spec().per_row is None

@@ -56,7 +56,7 @@ def test_requested_sparsity_every_target(tiny_model, method):
         for role in adapter.roles:
             w = adapter.weight(tiny_model.hf_model, layer, role)
             zeros = (w == 0).float()
-            if method == "magnitude":  # per-matrix threshold
+            if method != "wanda":  # per matrix (SparseGPT: per column block of all rows)
                 assert zeros.mean().item() == 0.5
             else:  # per-row comparison groups
                 assert (zeros.sum(1) == w.shape[1] // 2).all()

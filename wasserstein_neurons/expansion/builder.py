@@ -198,6 +198,9 @@ class ExpansionConfig:
         ``neuron_rows[l]`` of the *neuron* roles (``gate``/``up``, or ``up`` for GPT-NeoX /
         GPT-2) get :math:`k` experts; their other rows, the other roles (``down``) and layers
         missing from the dict are pruned once with SparseGPT on all tokens (in place).
+    per_row : bool
+        Prune an exact share of every row of each expert instead of SparseGPT's reference rule
+        (one count per column block over all rows, the default).
     blocksize, percdamp : int, float
         SparseGPT column block size and relative damping (:class:`PruneSpec`).
     within_layer_sequential : bool
@@ -235,6 +238,7 @@ class ExpansionConfig:
     neuron_rows: dict[int, Tensor] | None = field(default=None, repr=False)
     blocksize: int = 128
     percdamp: float = 0.01
+    per_row: bool = False
     within_layer_sequential: bool = False
     batch_size: int = 8
     offload: bool = False
@@ -277,6 +281,7 @@ class ExpansionConfig:
             wbits=self.wbits,
             blocksize=self.blocksize,
             percdamp=self.percdamp,
+            per_row=True if self.per_row else None,
         )
 
     @property

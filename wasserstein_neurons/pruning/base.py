@@ -163,10 +163,11 @@ class PruneSpec:
         SparseGPT damping: ``percdamp * mean(diag(H))`` is added to the Hessian diagonal.
     per_row : bool or None
         Compare scores within each row (``True``) or over all pruned rows at once
-        (``False``).  ``None`` uses the method's default: magnitude per matrix, Wanda and
-        SparseGPT per row.  (The reference SparseGPT code thresholds over each column block
-        of all rows; ``per_row=False`` reproduces that, ``True`` makes the per-row sparsity
-        exact.)
+        (``False``).  ``None`` uses the method's reference rule: magnitude per matrix, Wanda
+        per row, SparseGPT one count per column block over all rows (as IST-DASLab's
+        ``fasterprune``, but pruning exactly the requested count: its ``<=`` threshold prunes
+        one weight more in most blocks).  ``True`` makes every row's sparsity exact (our
+        variant; the neuron-set ablation uses it), at +1.5-3% held-out error for SparseGPT.
 
     Raises
     ------

@@ -99,11 +99,14 @@ class SparsitySettings:
     prunen: int = 0
     prunem: int = 0
     wbits: int = 16
+    #: ``--per-row``: an exact count in every row instead of each method's reference rule.
+    per_row: bool = False
 
     def spec(self, **kwargs) -> PruneSpec:
         """The pruning spec (n:m, when given, overrides ``sparsity``); validates the flags."""
+        per_row = True if self.per_row else None
         return PruneSpec.from_settings(
-            self.sparsity, self.prunen, self.prunem, wbits=self.wbits, **kwargs
+            self.sparsity, self.prunen, self.prunem, wbits=self.wbits, per_row=per_row, **kwargs
         )
 
     @property
