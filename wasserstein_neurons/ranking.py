@@ -71,7 +71,7 @@ def _tail_count(n: int, tail_fraction: float) -> int:
 
 
 def first_position_share(
-    activations, start, rows=None, tail_fraction: float = TAIL_FRACTION, neuron_chunk: int = 128
+    activations, start, rows=None, tail_fraction: float = TAIL_FRACTION, neuron_chunk: int = 64
 ) -> np.ndarray:
     r"""Share of each neuron's most extreme tokens that start a window.
 
@@ -99,18 +99,23 @@ def first_position_share(
         float64 ``[neurons]`` in [0, 1]; NaN for constant neurons.
     """
     start = np.asarray(start, dtype=bool)
-    k = _tail_count(len(start), tail_fraction)
+    n, first = len(start), np.flatnonzero(start)
+    k = _tail_count(n, tail_fraction)
     parts = []
     for j0 in range(0, activations.shape[1], neuron_chunk):
         blk = activations[:, j0 : j0 + neuron_chunk]
-        blk = np.asarray(blk if rows is None else blk[rows], dtype=np.float64).T  # [c, n]
-        if blk.shape[1] != len(start):
-            raise ValueError(f"start has {len(start)} flags for {blk.shape[1]} tokens")
-        std = blk.std(axis=1)
+        z = np.array((blk if rows is None else blk[rows]).T, dtype=np.float64, order="C")  # [c, n]
+        if z.shape[1] != n:
+            raise ValueError(f"start has {n} flags for {z.shape[1]} tokens")
+        z -= z.mean(axis=1, keepdims=True)
+        std = np.sqrt(np.square(z).sum(axis=1) / n)  # = np.std, population
         with np.errstate(invalid="ignore", divide="ignore"):  # constant neurons: NaN
-            z = np.abs(blk - blk.mean(axis=1, keepdims=True)) / std[:, None]
-            tail = z >= np.partition(z, len(start) - k, axis=1)[:, len(start) - k, None]
-            share = (tail & start).sum(axis=1) / tail.sum(axis=1)
+            np.abs(z, out=z)
+            z /= std[:, None]
+            at_start = z[:, first]  # [c, n_start], before z is reordered
+            z.partition(n - k, axis=1)
+            threshold = z[:, n - k, None]
+            share = (at_start >= threshold).sum(axis=1) / (z >= threshold).sum(axis=1)
         parts.append(np.where(std > 0, share, np.nan))
     return np.concatenate(parts) if parts else np.zeros(0)
 
