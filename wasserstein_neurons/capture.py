@@ -320,11 +320,7 @@ def capture_activations(
     finally:
         for writer in writers.values():
             writer.file.close()
-    for writer in writers.values():
-        writer.close()
-    missing = [n for n in names if n not in writers]
-    if missing:
-        raise RuntimeError(f"hooks never fired: {missing}")
+    _finish_writers(writers, names)
     meta = _write_meta(store_dir, model, names, widths, windows.shape, dtype, bos)
     return ActivationStore(path=store_dir, meta=meta)
 
@@ -371,6 +367,15 @@ def run_hooked(
         model.bridge.run_with_hooks(
             batch, fwd_hooks=list(fwd_hooks), return_type=None, stop_at_layer=stop
         )
+
+
+def _finish_writers(writers: dict, names) -> None:
+    """Close every writer (each checks its row count); every hook must have fired."""
+    for writer in writers.values():
+        writer.close()
+    missing = [n for n in names if n not in writers]
+    if missing:
+        raise RuntimeError(f"hooks never fired: {missing}")
 
 
 def _write_meta(store_dir: Path, model, names, widths, shape, dtype: str, bos: bool) -> dict:

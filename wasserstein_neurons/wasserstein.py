@@ -708,6 +708,13 @@ def constant_neurons(activations: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(flags) if flags else np.zeros(0, dtype=bool))
 
 
+def _no_statistics() -> dict[str, np.ndarray]:
+    """The statistics of zero neurons."""
+    out = {k: np.zeros(0) for k in ("wd", "mean", "std", "skew", "kurtosis", "min", "max")}
+    out["constant"] = np.zeros(0, dtype=bool)
+    return out
+
+
 def neuron_statistics(
     activations: torch.Tensor | np.ndarray,
     method: str = "exact",
@@ -786,11 +793,7 @@ def neuron_statistics(
         with _quiet():  # NaN/inf values give NaN, silently
             return _concat([group(xs) for xs in _sorted_groups(blk)])
 
-    out = _map_blocks(block, n_neurons, chunk, threads)
-    if not out:
-        keys = ("wd", "mean", "std", "skew", "kurtosis", "min", "max")
-        out = {k: np.zeros(0) for k in keys}
-        out["constant"] = np.zeros(0, dtype=bool)
+    out = _map_blocks(block, n_neurons, chunk, threads) or _no_statistics()
     out["n_tokens"] = np.full(n_neurons, n, dtype=np.int64)
     return out
 

@@ -108,28 +108,30 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     if not cfg.keep_activations:
         remove_store(out / "activations")
         store = None
-    model_info = {
-        "name": model.name,
-        "family": model.adapter.family,
-        "n_layers": model.adapter.n_layers,
-        "d_mlp": model.adapter.d_mlp,
-    }
-    write_run_config(
-        out,
-        {
-            "command": "rank",
-            "config": asdict(cfg),
-            "model": model_info,
-            "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
-            "n_tokens": int(windows.numel()),
-            "n_tokens_kept": int(table["n_tokens"].iloc[0]),
-            "hooks": table["hook"].unique().tolist(),
-            "seconds": seconds,
-        },
-    )
+    record = _run_record(cfg, model, len(tokens), int(windows.numel()), table, seconds)
+    write_run_config(out, record)
     return RankResult(
         out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
     )
+
+
+def _run_record(cfg: RankConfig, model, split_tokens: int, n_tokens: int, table, seconds) -> dict:
+    """What ``config.json`` records: config, model, corpus, token counts, hooks, timings."""
+    return {
+        "command": "rank",
+        "config": asdict(cfg),
+        "model": {
+            "name": model.name,
+            "family": model.adapter.family,
+            "n_layers": model.adapter.n_layers,
+            "d_mlp": model.adapter.d_mlp,
+        },
+        "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": split_tokens},
+        "n_tokens": n_tokens,
+        "n_tokens_kept": int(table["n_tokens"].iloc[0]),
+        "hooks": table["hook"].unique().tolist(),
+        "seconds": seconds,
+    }
 
 
 def _rank_table(
