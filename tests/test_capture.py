@@ -85,3 +85,27 @@ def test_incomplete_store_is_not_opened(tmp_path):
     (tmp_path / "meta.json").write_text('{"finished": false, "hooks": {}}')
     with pytest.raises(RuntimeError, match="incomplete"):
         ActivationStore.open(tmp_path)
+
+
+def test_store_records_positions_bos_and_special_ids(tiny_llama, tmp_path):
+    from wasserstein_neurons.data import bos_token_id, prepend_bos
+
+    bos = bos_token_id(tiny_llama.tokenizer)
+    windows = prepend_bos(torch.randint(1, 300, (3, 8)), bos)
+    store = capture_activations(tiny_llama, windows, tmp_path / "s", progress=False, bos=True)
+    reopened = ActivationStore.open(tmp_path / "s")
+    assert reopened.bos and reopened.seqlen == 8
+    assert reopened.special_ids == sorted(set(tiny_llama.tokenizer.all_special_ids))
+    np.testing.assert_array_equal(reopened.window_tokens(), windows.numpy())
+    np.testing.assert_array_equal(reopened.positions(), np.tile(np.arange(8), 3))
+    np.testing.assert_array_equal(reopened.window_index(), np.repeat(np.arange(3), 8))
+    special = reopened.special_mask()
+    assert special.dtype == bool and special.shape == (24,)
+    assert special[::8].all() and not special.reshape(3, 8)[:, 1:].any()
+    # the BOS rows are exactly what --exclude-special and --exclude-positions 1 leave out
+    for sel in (reopened.select(exclude_special=True), reopened.select(exclude_positions=1)):
+        np.testing.assert_array_equal(sel.rows, np.flatnonzero(reopened.positions() > 0))
+        np.testing.assert_array_equal(reopened.positions()[sel.rows][sel.start], np.ones(3))
+    assert store.select().rows is None
+    plain = capture_activations(tiny_llama, windows, tmp_path / "p", progress=False)
+    assert plain.bos is False

@@ -71,6 +71,8 @@ def test_existing_run_is_refused_and_kept(tiny_dir, corpus, tmp_path, capsys):
         (["--top-percent", "150"], "top_percent must be in"),
         (["--method", "magic"], "unknown method"),
         (["--tokens", "100000"], "corpus split holds only"),
+        (["--exclude-positions", "-1"], "--exclude-positions must be an integer >= 0"),
+        (["--exclude-positions", "64"], "must be smaller than --seqlen (64)"),
     ],
 )
 def test_bad_input_one_clear_line(tiny_dir, corpus, tmp_path, capsys, extra, message):
@@ -79,6 +81,25 @@ def test_bad_input_one_clear_line(tiny_dir, corpus, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (out / "config.json").exists()
+
+
+def test_rank_position_flags_recorded(tiny_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--exclude-positions", "2", "--exclude-special", "--bos"]
+    assert _rank(tiny_dir, corpus, out, *flags) == 0
+    assert "position_artefact" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["exclude_positions"] == 2
+    assert config["config"]["exclude_special"] is True and config["config"]["bos"] is True
+    assert config["n_tokens"] == 1024 and config["n_tokens_kept"] == 1024 - 2 * 16
+    df = pd.read_csv(out / "neurons.csv")
+    assert (df["n_tokens"] == 1024 - 2 * 16).all()
+    assert {"first_pos_share", "position_artefact"} <= set(df.columns)
+    assert "position_artefact" in pd.read_csv(out / "top_neurons.csv").columns
+    # the defaults are recorded too
+    assert _rank(tiny_dir, corpus, tmp_path / "plain") == 0
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())["config"]
+    assert (plain["exclude_positions"], plain["exclude_special"], plain["bos"]) == (0, False, False)
 
 
 def test_unknown_model_one_clear_line(tmp_path, capsys):
@@ -230,6 +251,7 @@ def test_ablate_reuses_ranking(tiny_dir, corpus, tmp_path, capsys):
         (["--neuron-sparsity", "0.5,1.5"], "sparsity must be in [0, 1)"),
         (["--method", "random"], "unknown pruning method"),
         (["--ranking", "/nonexistent/run"], "not a run folder"),
+        (["--exclude-positions", "32"], "must be smaller than --seqlen"),
     ],
 )
 def test_ablate_bad_input(tiny_dir, corpus, tmp_path, capsys, extra, message):
@@ -281,6 +303,13 @@ def test_disentangle_cli(tiny_dir, corpus, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of range" in err[0]
+
+
+def test_disentangle_bad_exclude_positions(tiny_dir, corpus, tmp_path, capsys):
+    args = ["disentangle", *_tiny_args(tiny_dir, corpus), "--out", str(tmp_path / "d")]
+    assert main([*args, "--exclude-positions", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --exclude-positions must be")
 
 
 def test_expand_cli(tiny_dir, corpus, tmp_path, capsys):

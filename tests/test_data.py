@@ -83,3 +83,22 @@ def test_sample_windows_distinct():
 def test_too_short_corpus(call):
     with pytest.raises(CorpusError, match="tokens"):
         call(torch.arange(150))
+
+
+def test_prepend_bos_keeps_the_window_length(tiny_tokenizer):
+    bos = data.bos_token_id(tiny_tokenizer)
+    windows = torch.arange(2, 26).reshape(3, 8)
+    out = data.prepend_bos(windows, bos)
+    assert out.shape == windows.shape and out.dtype == windows.dtype
+    assert (out[:, 0] == bos).all()
+    assert torch.equal(out[:, 1:], windows[:, :-1])
+    with pytest.raises(ValueError, match="seqlen >= 2"):
+        data.prepend_bos(torch.zeros(3, dtype=torch.long), bos)
+
+
+def test_bos_token_id_missing_is_a_clear_error():
+    class NoBos:
+        bos_token_id = None
+
+    with pytest.raises(ValueError, match="no BOS token"):
+        data.bos_token_id(NoBos())

@@ -441,3 +441,60 @@ def test_gaussian_quantile_pieces():
     assert p.mu[i] == pytest.approx(1000 * val, rel=1e-10)
     with pytest.raises(ValueError):
         p.mu[0] = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# row selection (rows=): statistics of activations[rows], gathered per block
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_equal_the_sliced_array(tmp_path, dtype, method):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((960, 150)).astype(dtype)
+    x[::32] = 8.0 + rng.standard_normal((30, 150))  # a spike at every window start
+    np.save(tmp_path / "a.npy", x)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    rows = np.flatnonzero(np.arange(960) % 32 != 0)
+    sliced = x[rows]
+    expected = wasserstein_to_gaussian(sliced, method).numpy()
+    for src in (x, mm, torch.from_numpy(x)):
+        assert np.array_equal(wasserstein_to_gaussian(src, method, rows=rows).numpy(), expected)
+    mask = np.arange(960) % 32 != 0
+    assert np.array_equal(wasserstein_to_gaussian(mm, method, rows=mask).numpy(), expected)
+    stats = neuron_statistics(mm, method, rows=rows)
+    ref = neuron_statistics(sliced, method)
+    for key in ref:
+        assert np.array_equal(stats[key], ref[key], equal_nan=True), key
+    assert (stats["n_tokens"] == len(rows)).all()
+    if method == "exact":  # and against scipy's W1 to a fine grid of Gaussian quantiles
+        grid = ndtri((np.arange(100_000) + 0.5) / 100_000)
+        for j in (0, 77):
+            w = scipy.stats.wasserstein_distance(zscore(sliced[:, j]), grid)
+            assert expected[j] == pytest.approx(w, abs=5e-4)
+        assert (wasserstein_to_gaussian(x).numpy() > expected).all()  # the spike is removed
+
+
+def test_rows_on_the_torch_kernel():
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((500, 20)))
+    rows = np.arange(1, 500, 3)
+    out = _exact_torch(x, torch.device("cpu"), None, rows)
+    ref = wasserstein_to_gaussian(x[torch.from_numpy(rows)]).numpy()
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (np.array([0]), "at least 2"),
+        (np.array([0, 100]), "must index"),
+        (np.array([-1, 3]), "must index"),
+        (np.ones(5, dtype=bool), "shape"),
+        (np.array([[0, 1]]), "1-D integer"),
+        (np.array([0.0, 1.0]), "1-D integer"),
+    ],
+)
+def test_bad_rows_raise(rows, match):
+    with pytest.raises(ValueError, match=match):
+        wasserstein_to_gaussian(np.random.default_rng(0).standard_normal((100, 3)), rows=rows)

@@ -8,10 +8,20 @@ read-only memory maps (:class:`ActivationStore`), so analyses never need to re-r
 
 Store layout (``store_dir``)::
 
-    meta.json           hooks, shapes, dtype, model name, seqlen, finished flag
+    meta.json           hooks, shapes, dtype, model name, seqlen, finished flag, whether a BOS
+                        was prepended (``bos``) and the tokenizer's special ids
     tokens.npy          [n_windows, seqlen] int32 token ids (token t of the store is
                         tokens.reshape(-1)[t])
     <hook name>.npy     [n_tokens, d] float16 or float32, row t = token t
+
+Token positions
+---------------
+Row ``t`` is position ``t % seqlen`` of window ``t // seqlen``; whether it is a special token
+is read from ``tokens.npy``. Nothing per token is stored besides the token ids:
+:meth:`ActivationStore.positions`, :meth:`~ActivationStore.window_index`,
+:meth:`~ActivationStore.special_mask` derive their ``[n_tokens]`` arrays, and
+:meth:`~ActivationStore.select` gives the rows left after excluding each window's first
+positions and / or special tokens (:mod:`wasserstein_neurons.positions`).
 
 Hook names
 ----------
@@ -33,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .positions import RowSelection, select_rows, special_token_ids
 
 DEFAULT_HOOKS = ("blocks.*.mlp.hook_pre",)
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -122,7 +134,58 @@ class ActivationStore:
 
     def tokens(self) -> np.ndarray:
         """``[n_tokens]`` token ids, aligned with the rows of every :meth:`array`."""
-        return np.load(self.path / "tokens.npy").reshape(-1)
+        return self.window_tokens().reshape(-1)
+
+    def window_tokens(self) -> np.ndarray:
+        """``[n_windows, seqlen]`` int32 token ids (``tokens.npy``)."""
+        return np.load(self.path / "tokens.npy")
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.meta["seqlen"])
+
+    @property
+    def bos(self) -> bool:
+        """Whether position 0 of every window is a prepended BOS token."""
+        return bool(self.meta.get("bos", False))
+
+    @property
+    def special_ids(self) -> list[int] | None:
+        """The tokenizer's special token ids recorded at capture (``None`` in older stores)."""
+        ids = self.meta.get("special_ids")
+        return None if ids is None else [int(i) for i in ids]
+
+    def positions(self) -> np.ndarray:
+        """``[n_tokens]`` int32: each row's position in its window (``t % seqlen``)."""
+        return (np.arange(self.n_tokens, dtype=np.int64) % self.seqlen).astype(np.int32)
+
+    def window_index(self) -> np.ndarray:
+        """``[n_tokens]`` int32: each row's window (``t // seqlen``)."""
+        return (np.arange(self.n_tokens, dtype=np.int64) // self.seqlen).astype(np.int32)
+
+    def special_mask(self, special_ids=None) -> np.ndarray:
+        """``[n_tokens]`` bool: the row is a special token (BOS, EOS, pad, ...)."""
+        ids = self._special_ids(special_ids)
+        return np.isin(self.tokens(), np.asarray(ids, dtype=np.int64))
+
+    def select(
+        self, exclude_positions: int = 0, exclude_special: bool = False, special_ids=None
+    ) -> RowSelection:
+        """The rows statistics keep without each window's first ``exclude_positions``
+        positions and (``exclude_special``) its special tokens; see
+        :func:`~wasserstein_neurons.positions.select_rows`. ``special_ids`` overrides the ids
+        recorded in the store."""
+        ids = self._special_ids(special_ids) if exclude_special else None
+        return select_rows(self.window_tokens(), exclude_positions, ids)
+
+    def _special_ids(self, special_ids=None) -> list[int]:
+        ids = self.special_ids if special_ids is None else list(special_ids)
+        if ids is None:
+            raise ValueError(
+                f"the activation store in {self.path} records no special token ids (made by an "
+                "older version); capture it again or pass special_ids"
+            )
+        return ids
 
     def __iter__(self) -> Iterable[tuple[str, np.ndarray]]:
         for hook in self.hook_names:
@@ -191,6 +254,7 @@ def capture_activations(
     dtype: str = "float16",
     overwrite: bool = False,
     progress: bool = True,
+    bos: bool = False,
 ) -> ActivationStore:
     """Run ``windows`` through ``model.bridge`` and stream the hooks' outputs to ``store_dir``.
 
@@ -209,6 +273,9 @@ def capture_activations(
         Windows per forward pass. Peak memory ≈ ``batch_size·seqlen·Σ d_hook`` values.
     dtype:
         ``"float16"`` (default, half the disk) or ``"float32"``.
+    bos:
+        Recorded in ``meta.json``: the windows start with a prepended BOS
+        (:func:`~wasserstein_neurons.data.prepend_bos`); nothing is added here.
 
     Returns
     -------
@@ -253,12 +320,8 @@ def capture_activations(
     finally:
         for writer in writers.values():
             writer.file.close()
-    for writer in writers.values():
-        writer.close()
-    missing = [n for n in names if n not in writers]
-    if missing:
-        raise RuntimeError(f"hooks never fired: {missing}")
-    meta = _write_meta(store_dir, model, names, widths, windows.shape, dtype)
+    _finish_writers(writers, names)
+    meta = _write_meta(store_dir, model, names, widths, windows.shape, dtype, bos)
     return ActivationStore(path=store_dir, meta=meta)
 
 
@@ -306,7 +369,16 @@ def run_hooked(
         )
 
 
-def _write_meta(store_dir: Path, model, names, widths, shape, dtype: str) -> dict:
+def _finish_writers(writers: dict, names) -> None:
+    """Close every writer (each checks its row count); every hook must have fired."""
+    for writer in writers.values():
+        writer.close()
+    missing = [n for n in names if n not in writers]
+    if missing:
+        raise RuntimeError(f"hooks never fired: {missing}")
+
+
+def _write_meta(store_dir: Path, model, names, widths, shape, dtype: str, bos: bool) -> dict:
     """Write ``meta.json`` atomically (last: its ``finished`` flag marks a complete store)."""
     n_windows, seqlen = shape
     n_tokens = n_windows * seqlen
@@ -318,6 +390,8 @@ def _write_meta(store_dir: Path, model, names, widths, shape, dtype: str) -> dic
         "n_windows": n_windows,
         "seqlen": seqlen,
         "dtype": dtype,
+        "bos": bool(bos),
+        "special_ids": special_token_ids(getattr(model, "tokenizer", None)),
     }
     tmp = store_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))

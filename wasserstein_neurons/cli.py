@@ -44,6 +44,12 @@ def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str | N
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bos",
+        action="store_true",
+        help="start every window with the tokenizer's BOS (TransformerLens' to_tokens); "
+        "windows keep --seqlen tokens",
+    )
     p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
     p.add_argument(
         "--overwrite",
@@ -51,6 +57,21 @@ def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str | N
         help="replace a finished run in --out instead of refusing",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_positions(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exclude-positions",
+        type=int,
+        default=0,
+        help="leave the first N positions of every window out of the output statistics "
+        "(default 0: keep all, the paper's protocol)",
+    )
+    p.add_argument(
+        "--exclude-special",
+        action="store_true",
+        help="leave special tokens (BOS, EOS, pad) out of the output statistics",
+    )
 
 
 def _config(cls, args: argparse.Namespace, **overrides):
@@ -88,6 +109,7 @@ def _add_rank(sub) -> None:
     )
     p.add_argument("--method", default="exact", help="exact | sample | pot")
     p.add_argument("--store-dtype", default="float16", help="activation store: float16|float32")
+    _add_positions(p)
     p.add_argument(
         "--no-keep-activations",
         action="store_true",
@@ -103,14 +125,19 @@ def _rank(args: argparse.Namespace) -> int:
     result = run_rank(cfg, progress=not args.no_progress)
     top = result.top.sort_values("wd", ascending=False).groupby("hook", sort=False).head(3)
     top = top.sort_values(["layer", "wd"], ascending=[True, False])
-    cols = ["layer", "hook", "neuron", "wd", "mean", "std", "skew", "kurtosis"]
+    cols = ["layer", "hook", "neuron", "wd", "mean", "std", "skew", "kurtosis", "first_pos_share"]
     print(f"Top Wasserstein neurons (3 per hook; top {cfg.top_percent:g}% saved):")
-    _print_table(top[cols])
+    _print_table(top[cols], width=140)
     n_const = int(result.table["constant"].sum())
     print(
         f"\n{len(result.table)} neurons over {result.table['hook'].nunique()} hooks, "
         f"{int(result.table['n_tokens'].iloc[0])} tokens each"
         + (f"; {n_const} constant neurons (WD = NaN)" if n_const else "")
+    )
+    n_artefact = int(result.top["position_artefact"].sum())
+    print(
+        f"{n_artefact} of {len(result.top)} Wasserstein neurons have a tail (top 0.1% |z|) "
+        "mostly at the window start (position_artefact)"
     )
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     print(f"results in {result.out}")
@@ -231,6 +258,7 @@ def _add_ablate(sub) -> None:
         help="also sparsify the neurons' down-projection columns (magnitude)",
     )
     p.add_argument("--ranking", default=None, help="reuse the neurons.csv of this rank run")
+    _add_positions(p)
     p.add_argument(
         "--tokens",
         type=int,
@@ -316,6 +344,7 @@ def _add_disentangle(sub) -> None:
     p.add_argument("--experts", default="1,2,4,8,16", help="numbers of experts, comma-separated")
     _add_routing(p, "PCA to d_in / factor dims")
     p.add_argument("--top-percent", type=float, default=3.0)
+    _add_positions(p)
 
 
 def _disentangle(args: argparse.Namespace) -> int:

@@ -16,7 +16,11 @@ a path to a ``.txt`` file
 Windows
 -------
 :func:`calibration_windows` draws ``n`` random windows of ``seqlen`` tokens (seeded);
-:func:`evaluation_windows` cuts consecutive non-overlapping windows.
+:func:`evaluation_windows` cuts consecutive non-overlapping windows; :func:`sample_windows`
+draws distinct non-overlapping ones. None of them adds a BOS token: :func:`prepend_bos` puts the
+tokenizer's BOS (:func:`bos_token_id`) in front of every window, as TransformerLens'
+``to_tokens`` does, keeping each window ``seqlen`` tokens long (``seqlen - 1`` text tokens), so
+that the token counts stay the ones asked for.
 """
 
 from __future__ import annotations
@@ -193,3 +197,32 @@ def sample_windows(tokens: torch.Tensor, n_tokens: int, seqlen: int, seed: int =
     grid = tokens[: available * seqlen].reshape(available, seqlen)
     picks = np.sort(np.random.default_rng(seed).choice(available, size=n_windows, replace=False))
     return grid[torch.from_numpy(picks)].clone()
+
+
+def bos_token_id(tokenizer) -> int:
+    """The tokenizer's BOS id; ``ValueError`` if it has none (``--bos`` cannot be used)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("--bos: this model's tokenizer defines no BOS token")
+    return int(bos)
+
+
+def prepend_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Windows with ``bos_id`` in front, each still ``seqlen`` tokens long.
+
+    Parameters
+    ----------
+    windows : LongTensor, shape ``[n_windows, seqlen]``
+    bos_id : int
+
+    Returns
+    -------
+    LongTensor, shape ``[n_windows, seqlen]``
+        ``out[:, 0] = bos_id`` and ``out[:, 1:] = windows[:, :-1]``: the last text token of
+        every window is dropped, so the model's context length and every token count
+        (captured, calibration, scored evaluation tokens) stay what was asked for.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n_windows, seqlen >= 2], got {tuple(windows.shape)}")
+    bos = torch.full((windows.shape[0], 1), int(bos_id), dtype=windows.dtype)
+    return torch.cat([bos, windows[:, :-1]], dim=1)

@@ -81,10 +81,13 @@ def plot_neuron_histogram(
     return _finish(fig, ax, tight=False)
 
 
-def plot_layer_grid(activations, table: pd.DataFrame, hook: str, per_group: int = 3):
+def plot_layer_grid(
+    activations, table: pd.DataFrame, hook: str, per_group: int = 3, token_rows=None
+):
     """Top / median / bottom WD neurons of one hook, one row each.
 
-    ``activations`` is the hook's ``[tokens, neurons]`` array; ``table`` the ranking table.
+    ``activations`` is the hook's ``[tokens, neurons]`` array; ``table`` the ranking table;
+    ``token_rows`` (int indices, optional) the tokens the table's statistics kept.
     """
     rows = table[table["hook"] == hook].dropna(subset=["wd"]).sort_values("wd", ascending=False)
     n = len(rows)
@@ -104,7 +107,10 @@ def plot_layer_grid(activations, table: pd.DataFrame, hook: str, per_group: int 
                 ax.axis("off")
                 continue
             row = group.iloc[c]
-            values = np.asarray(activations[:, int(row["neuron"])], dtype=np.float64)
+            values = activations[:, int(row["neuron"])]
+            if token_rows is not None:
+                values = values[token_rows]
+            values = np.asarray(values, dtype=np.float64)
             plot_neuron_histogram(
                 values,
                 wd=row["wd"],

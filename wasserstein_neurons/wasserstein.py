@@ -226,11 +226,41 @@ _TORCH_DTYPES = {
 }
 
 
-def _read_block(src: Any, j0: int, j1: int, dtype: np.dtype) -> np.ndarray:
-    """Contiguous ``[tokens, j1 - j0]`` copy of columns ``j0:j1`` in ``dtype`` (owned, writable)."""
+def _as_rows(rows: Any, n_tokens: int) -> np.ndarray | None:
+    """Validate a row selection: ``None``, int indices ``[k]`` or a bool mask ``[n_tokens]``;
+    returns int64 indices (or ``None``: every row)."""
+    if rows is None:
+        return None
+    rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_tokens,):
+            raise ValueError(f"a bool rows mask must have shape ({n_tokens},), got {rows.shape}")
+        return np.flatnonzero(rows)
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows must be 1-D integer indices or a bool mask, got {rows.dtype}")
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_tokens):
+        raise ValueError(f"rows must index the {n_tokens} tokens, got {rows.min()}..{rows.max()}")
+    return rows.astype(np.int64, copy=False)
+
+
+def _selected_shape(src: Any, rows: Any) -> tuple[np.ndarray | None, int, int]:
+    """``(rows, tokens kept, neurons)`` of a validated source; at least 2 tokens kept."""
+    n, n_neurons = (int(s) for s in src.shape)
+    rows = _as_rows(rows, n)
+    if rows is not None and len(rows) < 2:
+        raise ValueError(f"rows keeps {len(rows)} token(s); a distribution needs at least 2")
+    return rows, (n if rows is None else len(rows)), n_neurons
+
+
+def _read_block(src: Any, j0: int, j1: int, dtype: np.dtype, rows=None) -> np.ndarray:
+    """Contiguous ``[tokens, j1 - j0]`` copy of columns ``j0:j1`` in ``dtype`` (owned, writable);
+    with ``rows`` (int64 indices) only those tokens, read one column block at a time."""
     if isinstance(src, torch.Tensor):
-        blk = src[:, j0:j1].to(device="cpu", dtype=_TORCH_DTYPES[np.dtype(dtype)])
+        blk = src[:, j0:j1] if rows is None else src[:, j0:j1][torch.from_numpy(rows)]
+        blk = blk.to(device="cpu", dtype=_TORCH_DTYPES[np.dtype(dtype)])
         return np.array(blk.numpy(), dtype=dtype, order="C", copy=True)
+    if rows is not None:
+        return np.ascontiguousarray(src[:, j0:j1][rows], dtype=dtype)
     return np.array(src[:, j0:j1], dtype=dtype, order="C", copy=True)
 
 
@@ -521,6 +551,7 @@ def wasserstein_to_gaussian(
     device: str | torch.device | None = None,
     seed: int = 0,
     num_threads: int | None = None,
+    rows: Any = None,
 ) -> torch.Tensor:
     r"""W1 distance between each z-scored neuron and N(0, 1).
 
@@ -556,6 +587,11 @@ def wasserstein_to_gaussian(
         CPU worker threads, each handling whole neuron blocks (numpy's sort and ufuncs release
         the GIL). Default: the number of available cores, at most 8. Results do not depend
         on it.
+    rows : array-like of int ``[k]`` or bool ``[tokens]``, optional
+        Compute on these tokens only (e.g. without each window's first positions,
+        :mod:`wasserstein_neurons.positions`). The result equals that of
+        ``activations[rows]``, but the rows are gathered one neuron block at a time, so a
+        memory map is never copied whole. ``None`` (default): every token.
 
     Returns
     -------
@@ -573,12 +609,12 @@ def wasserstein_to_gaussian(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     src = _as_source(activations)
-    n, n_neurons = (int(s) for s in src.shape)
+    rows, n, n_neurons = _selected_shape(src, rows)
     dev = _resolve_device(src, device)
     if dev is not None and method != "exact":
         dev = None  # sample/pot run on CPU
     if dev is not None:
-        return _exact_torch(src, dev, neuron_chunk)
+        return _exact_torch(src, dev, neuron_chunk, rows)
 
     threads = _default_threads(num_threads)
     chunk = _default_chunk(src, n, neuron_chunk)
@@ -604,7 +640,7 @@ def wasserstein_to_gaussian(
         return {"wd": res["l1"]}
 
     def block(j0: int, j1: int) -> dict[str, np.ndarray]:
-        blk = _read_block(src, j0, j1, dtype)
+        blk = _read_block(src, j0, j1, dtype, rows)
         with _quiet():  # NaN/inf values give NaN, silently
             return _concat([group(xs) for xs in _sorted_groups(blk)])
 
@@ -624,8 +660,9 @@ def _import_pot() -> Any:
     return ot
 
 
-def _exact_torch(src: Any, dev: torch.device, neuron_chunk: int | None) -> torch.Tensor:
-    n, n_neurons = (int(s) for s in src.shape)
+def _exact_torch(src: Any, dev: torch.device, neuron_chunk: int | None, rows=None) -> torch.Tensor:
+    n = int(src.shape[0]) if rows is None else len(rows)
+    n_neurons = int(src.shape[1])
     chunk = neuron_chunk if neuron_chunk is not None else max(1, (1 << 24) // n)
     if chunk < 1:
         raise ValueError(f"neuron_chunk must be >= 1, got {chunk}")
@@ -633,13 +670,13 @@ def _exact_torch(src: Any, dev: torch.device, neuron_chunk: int | None) -> torch
     for j0 in range(0, n_neurons, chunk):
         j1 = min(j0 + chunk, n_neurons)
         if isinstance(src, torch.Tensor):
-            blk = src[:, j0:j1]
+            blk = src[:, j0:j1] if rows is None else src[:, j0:j1][torch.from_numpy(rows)]
             if not blk.dtype.is_floating_point or blk.dtype == torch.float16:
                 blk = blk.to(torch.float64 if not blk.dtype.is_floating_point else torch.float32)
             blk = blk.to(dev)
         else:
             dtype = np.promote_types(_work_dtype(src), np.float32)
-            blk = torch.from_numpy(_read_block(src, j0, j1, dtype)).to(dev)
+            blk = torch.from_numpy(_read_block(src, j0, j1, dtype, rows)).to(dev)
         outs.append(_exact_torch_block(blk).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, dtype=torch.float64)
 
@@ -671,6 +708,13 @@ def constant_neurons(activations: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(flags) if flags else np.zeros(0, dtype=bool))
 
 
+def _no_statistics() -> dict[str, np.ndarray]:
+    """The statistics of zero neurons."""
+    out = {k: np.zeros(0) for k in ("wd", "mean", "std", "skew", "kurtosis", "min", "max")}
+    out["constant"] = np.zeros(0, dtype=bool)
+    return out
+
+
 def neuron_statistics(
     activations: torch.Tensor | np.ndarray,
     method: str = "exact",
@@ -678,6 +722,7 @@ def neuron_statistics(
     neuron_chunk: int | None = None,
     seed: int = 0,
     num_threads: int | None = None,
+    rows: Any = None,
 ) -> dict[str, np.ndarray]:
     r"""Per-neuron distribution statistics in one chunked pass (float64 accumulation).
 
@@ -688,6 +733,9 @@ def neuron_statistics(
         How ``wd`` is computed (see :func:`wasserstein_to_gaussian`).
     neuron_chunk, seed, num_threads
         As in :func:`wasserstein_to_gaussian` (CPU only).
+    rows : array-like of int ``[k]`` or bool ``[tokens]``, optional
+        Statistics of these tokens only (equal to those of ``activations[rows]``, gathered
+        per neuron block), as in :func:`wasserstein_to_gaussian`.
 
     Returns
     -------
@@ -701,13 +749,13 @@ def neuron_statistics(
         - ``kurtosis``: excess kurtosis :math:`m_4 / m_2^2 - 3` (biased, Fisher,
           = ``scipy.stats.kurtosis``);
         - ``min``, ``max``: extreme values;
-        - ``n_tokens``: int64, the number of tokens;
+        - ``n_tokens``: int64, the number of tokens (kept ``rows``);
         - ``constant``: bool, zero variance (then ``wd``, ``skew``, ``kurtosis`` are NaN).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     src = _as_source(activations)
-    n, n_neurons = (int(s) for s in src.shape)
+    rows, n, n_neurons = _selected_shape(src, rows)
     threads = _default_threads(num_threads)
     chunk = _default_chunk(src, n, neuron_chunk)
     dtype = _work_dtype(src)
@@ -741,15 +789,11 @@ def neuron_statistics(
         }
 
     def block(j0: int, j1: int) -> dict[str, np.ndarray]:
-        blk = _read_block(src, j0, j1, dtype)
+        blk = _read_block(src, j0, j1, dtype, rows)
         with _quiet():  # NaN/inf values give NaN, silently
             return _concat([group(xs) for xs in _sorted_groups(blk)])
 
-    out = _map_blocks(block, n_neurons, chunk, threads)
-    if not out:
-        keys = ("wd", "mean", "std", "skew", "kurtosis", "min", "max")
-        out = {k: np.zeros(0) for k in keys}
-        out["constant"] = np.zeros(0, dtype=bool)
+    out = _map_blocks(block, n_neurons, chunk, threads) or _no_statistics()
     out["n_tokens"] = np.full(n_neurons, n, dtype=np.int64)
     return out
 

@@ -221,6 +221,8 @@ def test_run_ablate_refuses_ranking_of_another_model(rank_dir, tiny_dir, corpus,
         (dict(seeds=0), {}, "seeds"),
         ({}, dict(eval_tokens=16), "--eval-tokens"),
         ({}, dict(nsamples=0), "--nsamples"),
+        ({}, dict(exclude_positions=-2), "--exclude-positions"),
+        ({}, dict(exclude_positions=SEQLEN), "--exclude-positions"),
     ],
 )
 def test_bad_config_rejected_before_any_folder(tiny_dir, corpus, tmp_path, study, kw, message):
@@ -229,3 +231,29 @@ def test_bad_config_rejected_before_any_folder(tiny_dir, corpus, tmp_path, study
     with pytest.raises(ValueError, match=message):
         run_ablate(cfg, progress=False)
     assert not out.exists()
+
+
+def test_reused_ranking_must_use_the_same_positions(rank_dir, tiny_dir, corpus, model, tmp_path):
+    for kw, name in ((dict(exclude_positions=1), "exclude_positions"), (dict(bos=True), "bos")):
+        cfg = ablate_cfg(tiny_dir, corpus, tmp_path / name, ranking=str(rank_dir), **kw)
+        with pytest.raises(ValueError, match=f"{name}=.* \\(this run: "):
+            run_ablate(cfg, model=model, progress=False)
+        assert not (tmp_path / name / "config.json").exists()
+
+
+def test_exclusions_reach_its_own_ranking(tiny_dir, corpus, model, tmp_path):
+    study = dict(STUDY, strategies=("wd-top",), neuron_sparsities=(0.9,))
+    cfg = ablate_cfg(tiny_dir, corpus, tmp_path / "a", study=study, exclude_positions=2)
+    results = run_ablate(cfg, model=model, progress=False)
+    ranking = tmp_path / "a" / "ranking"
+    made = json.loads((ranking / "config.json").read_text())["config"]
+    assert made["exclude_positions"] == 2 and made["exclude_special"] is False
+    table = pd.read_csv(ranking / "neurons.csv")
+    assert (table["n_tokens"] == RANK_TOKENS - 2 * (RANK_TOKENS // SEQLEN)).all()
+    recorded = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
+    assert recorded["exclude_positions"] == 2
+    # the reused ranking with the same settings is accepted
+    again = ablate_cfg(tiny_dir, corpus, tmp_path / "b", study=study, exclude_positions=2)
+    again.ranking = str(ranking)
+    reused = run_ablate(again, model=model, progress=False)
+    assert reused["perplexity"].tolist() == pytest.approx(results["perplexity"].tolist(), rel=1e-9)

@@ -10,12 +10,15 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from wasserstein_neurons import wasserstein_to_gaussian
 from wasserstein_neurons.disentangle import (
     BASE_COLUMNS,
     PER_K_COLUMNS,
     NeuronOutputs,
     collect_linear_inputs,
+    linear_outputs,
 )
+from wasserstein_neurons.workflows import eval_windows_for
 from wasserstein_neurons.workflows.disentangle import DisentangleConfig, run_disentangle
 
 
@@ -88,3 +91,30 @@ def test_bad_layer_is_a_clear_error(tmp_path):
             model=model,
             progress=False,
         )
+
+
+def test_excluded_positions_leave_the_held_out_metrics(corpus, tmp_path):
+    model = make_tiny_model("llama")
+    cfg = DisentangleConfig(
+        out=str(tmp_path / "run"),
+        model="tiny",
+        dataset=str(corpus),
+        layer=0,
+        experts="1",
+        nsamples=4,
+        seqlen=32,
+        eval_tokens=128,
+        mapping_pairs=200,
+        exclude_positions=3,
+    )
+    res = run_disentangle(cfg, model=model, progress=False)
+    assert res.summary["n_eval_tokens"] == 128 - 3 * 4
+    assert res.summary["n_calibration_tokens"] == 4 * 32  # calibration keeps every token
+    windows = eval_windows_for(model, cfg)
+    x = collect_linear_inputs(model, windows, layer=0)
+    keep = torch.arange(x.shape[0]) % 32 >= 3
+    weight = model.adapter.weight(model.hf_model, 0, "gate").detach()
+    wd = wasserstein_to_gaussian(linear_outputs(x[keep], weight)).numpy()
+    np.testing.assert_array_equal(res.table["wd"].to_numpy(), wd)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["exclude_positions"] == 3

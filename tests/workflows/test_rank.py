@@ -9,10 +9,13 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.special import ndtr, ndtri
 from scipy.stats import wasserstein_distance
 
-from wasserstein_neurons import wasserstein_to_gaussian
+from wasserstein_neurons import load_model, wasserstein_to_gaussian
+from wasserstein_neurons.bridge import replace_linear
+from wasserstein_neurons.data import load_tokens, sample_windows
 from wasserstein_neurons.ranking import count_for_percent
 from wasserstein_neurons.runs import RunExistsError
 from wasserstein_neurons.workflows import RankConfig, RankResult, run_rank
@@ -162,6 +165,8 @@ def test_existing_run_refused_then_overwritten(tiny_dir, corpus, tmp_path):
         (dict(top_percent=float("nan")), "top_percent"),
         (dict(method="magic"), "unknown method"),
         (dict(tokens=16, seqlen=32), "--tokens"),
+        (dict(exclude_positions=-1), "--exclude-positions must be an integer >= 0"),
+        (dict(exclude_positions=SEQLEN), "must be smaller than --seqlen"),
     ],
 )
 def test_bad_config_rejected_before_any_output(tiny_dir, corpus, tmp_path, kw, message):
@@ -171,3 +176,120 @@ def test_bad_config_rejected_before_any_output(tiny_dir, corpus, tmp_path, kw, m
     with pytest.raises(ValueError, match=message):
         run_rank(cfg, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# token positions: a tiny model with a planted first-position spike
+# --------------------------------------------------------------------------------------------
+
+SPIKED_LAYER, SPIKED = 1, 17
+SPIKED_HOOK = f"blocks.{SPIKED_LAYER}.mlp.hook_pre"
+
+
+class SpikeAtWindowStart(torch.nn.Module):
+    """The gate projection, plus ``value`` on one neuron at position 0 of every window."""
+
+    def __init__(self, linear: torch.nn.Module, neuron: int, value: float):
+        super().__init__()
+        self.linear, self.neuron, self.value = linear, neuron, value
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, pos, d_model]
+        y = self.linear(x)
+        spike = torch.zeros_like(y)
+        spike[:, 0, self.neuron] = self.value
+        return y + spike
+
+
+@pytest.fixture(scope="module")
+def spiked_runs(tiny_dir, corpus, tmp_path_factory):
+    """Rank runs of the spiked model with exclude_positions 0 and 1 (same windows)."""
+    model = load_model(str(tiny_dir))
+    gate = model.adapter.linear(model.hf_model, SPIKED_LAYER, "gate")
+    replace_linear(model, SPIKED_LAYER, "gate", SpikeAtWindowStart(gate, SPIKED, 40.0))
+    root = tmp_path_factory.mktemp("spiked")
+    runs = {
+        n: run_rank(
+            rank_cfg(tiny_dir, corpus, root / f"x{n}", exclude_positions=n),
+            model=model,
+            progress=False,
+        )
+        for n in (0, 1)
+    }
+    return model, runs
+
+
+def direct_share(x: np.ndarray, start: np.ndarray) -> float:
+    x = x.astype(np.float64)
+    z = np.abs(x - x.mean()) / x.std()
+    tail = z >= np.sort(z)[-max(1, round(0.001 * len(x)))]
+    return np.count_nonzero(tail & start) / np.count_nonzero(tail)
+
+
+def test_spike_is_flagged_as_a_position_artefact(spiked_runs):
+    _, runs = spiked_runs
+    res = runs[0]
+    row = res.table.set_index(["hook", "neuron"]).loc[(SPIKED_HOOK, SPIKED)]
+    assert row["wd_rank"] == 0 and row["first_pos_share"] == 1.0 and row["position_artefact"]
+    top = pd.read_csv(res.out / "top_neurons.csv").set_index(["hook", "neuron"])
+    assert top.loc[(SPIKED_HOOK, SPIKED), "position_artefact"]
+    assert top["position_artefact"].dtype == bool
+    # first_pos_share is a direct count of the tail tokens at position 0
+    x = np.asarray(res.store.array(SPIKED_HOOK))
+    start = res.store.positions() == 0
+    shares = res.table[res.table["hook"] == SPIKED_HOOK]["first_pos_share"].to_numpy()
+    assert shares.tolist() == [direct_share(x[:, j], start) for j in range(D_MLP)]
+    contexts = pd.read_csv(res.out / "top_contexts.csv")
+    spiked = contexts[(contexts["neuron"] == SPIKED) & (contexts["tail"] == "high")]
+    assert (spiked["window_position"] == 0).all()
+
+
+def test_exclude_positions_removes_exactly_the_window_starts(spiked_runs):
+    _, runs = spiked_runs
+    base, res = runs[0], runs[1]
+    n_windows = TOKENS // SEQLEN
+    assert (res.table["n_tokens"] == TOKENS - n_windows).all()
+    keep = res.store.positions() >= 1
+    for hook in res.store.hook_names:
+        # the same activations were captured; the statistics leave out position 0
+        x = np.asarray(res.store.array(hook))
+        np.testing.assert_array_equal(x, np.asarray(base.store.array(hook)))
+        table = res.table[res.table["hook"] == hook]
+        np.testing.assert_array_equal(table["wd"], wasserstein_to_gaussian(x[keep]).numpy())
+        np.testing.assert_allclose(table["std"], x[keep].astype(np.float64).std(0), rtol=1e-9)
+        start = (res.store.positions() == 1)[keep]
+        expected = [direct_share(x[keep, j], start) for j in range(D_MLP)]
+        assert table["first_pos_share"].tolist() == expected
+    wd = res.table.set_index(["hook", "neuron"]).loc[(SPIKED_HOOK, SPIKED), "wd"]
+    assert wd < 0.5 * base.table.set_index(["hook", "neuron"]).loc[(SPIKED_HOOK, SPIKED), "wd"]
+    contexts = pd.read_csv(res.out / "top_contexts.csv")
+    assert (contexts["window_position"] >= 1).all()
+    config = json.loads((res.out / "config.json").read_text())
+    assert config["config"]["exclude_positions"] == 1
+    assert config["config"]["exclude_special"] is False and config["config"]["bos"] is False
+    assert config["n_tokens"] == TOKENS and config["n_tokens_kept"] == TOKENS - n_windows
+
+
+def test_bos_prepends_and_keeps_the_token_count(tiny_dir, corpus, tmp_path):
+    model = load_model(str(tiny_dir))
+    res = run_rank(
+        rank_cfg(tiny_dir, corpus, tmp_path / "bos", bos=True, exclude_special=True),
+        model=model,
+        progress=False,
+    )
+    bos = model.tokenizer.bos_token_id
+    tokens = res.store.window_tokens()
+    assert tokens.shape == (TOKENS // SEQLEN, SEQLEN) and res.store.n_tokens == TOKENS
+    assert (tokens[:, 0] == bos).all() and res.store.bos
+    # the same windows as without --bos, shifted right by the BOS
+    plain = sample_windows(load_tokens(model.tokenizer, str(corpus)), TOKENS, SEQLEN, seed=0)
+    np.testing.assert_array_equal(tokens[:, 1:], plain[:, :-1].numpy())
+    # --exclude-special leaves out exactly the BOS rows (the corpus holds no special token)
+    assert (res.table["n_tokens"] == TOKENS - TOKENS // SEQLEN).all()
+    x = np.asarray(res.store.array("blocks.0.mlp.hook_pre"))
+    wd = res.table[res.table["layer"] == 0]["wd"].to_numpy()
+    keep = res.store.positions() > 0
+    np.testing.assert_array_equal(wd, wasserstein_to_gaussian(x[keep]).numpy())
+    config = json.loads((res.out / "config.json").read_text())
+    assert config["config"]["bos"] is True and config["config"]["exclude_special"] is True
+    assert config["n_tokens"] == TOKENS

@@ -17,8 +17,8 @@ module          config / entry point                     writes
                 :func:`run_disentangle`
 ==============  =======================================  ======================================
 
-Shared settings (model, evaluation and calibration windows, sparsity flags) live in
-:mod:`.common`.
+Shared settings (model, evaluation and calibration windows, ``--bos``, sparsity flags, the
+token positions left out of output statistics) live in :mod:`.common`.
 """
 
 from .ablate import AblateConfig, load_ranking, run_ablate
@@ -26,6 +26,7 @@ from .common import (
     CalibrationSettings,
     EvalSettings,
     ModelSettings,
+    PositionSettings,
     SparsitySettings,
     config_from,
     eval_windows_for,
@@ -58,6 +59,7 @@ __all__ = [
     "EvalSettings",
     "ExpandConfig",
     "ModelSettings",
+    "PositionSettings",
     "PruneConfig",
     "RankConfig",
     "RankResult",

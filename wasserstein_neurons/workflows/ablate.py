@@ -3,7 +3,10 @@
 Outputs in ``out``: ``ablation.csv`` (``strategy, seed, top_percent, neuron_sparsity, method,
 perplexity, neurons_per_layer, include_down``; the first row is the dense model),
 ``ablation_summary.csv`` (mean / min / max over seeds), ``ablation.png`` and ``config.json``.
-Without ``ranking`` a ranking is made first in ``out/ranking``.
+Without ``ranking`` a ranking is made first in ``out/ranking``, with this run's token-position
+settings (``exclude_positions``, ``exclude_special``, ``bos``): the strategies that read output
+statistics (``wd-top``, ``wd-bottom``, ``mean``, ``variance``) then select on statistics without
+those tokens. A reused ``ranking`` must have been made with the same settings.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import pandas as pd
 from .. import plotting
 from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
 from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
-from .common import CalibrationSettings, EvalSettings, config_from, eval_windows_for
+from .common import (
+    CalibrationSettings,
+    EvalSettings,
+    PositionSettings,
+    config_from,
+    eval_windows_for,
+)
 from .rank import RankConfig, run_rank
 
 
 @dataclass
-class AblateConfig(CalibrationSettings, EvalSettings):
+class AblateConfig(PositionSettings, CalibrationSettings, EvalSettings):
     """Knobs of an ``ablate`` run: the study (:class:`~wasserstein_neurons.ablation.AblationConfig`)
     plus where its ranking, calibration and evaluation come from."""
 
@@ -37,10 +46,32 @@ class AblateConfig(CalibrationSettings, EvalSettings):
         self.study.validate()
         self.validate_eval()
         self.validate_calibration()
+        self.validate_positions(self.seqlen)
 
 
-def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
-    """The ``neurons.csv`` of a finished ``rank`` run made with ``model_name``."""
+_PROTOCOL = {"exclude_positions": 0, "exclude_special": False, "bos": False}
+
+
+def check_ranking_protocol(config: dict, settings, folder) -> None:
+    """``ValueError`` unless the rank run's ``config.json`` (``config``) used the same token
+    positions settings (``exclude_positions``, ``exclude_special``, ``bos``) as ``settings``;
+    runs older than these settings used the defaults."""
+    made = config.get("config", {})
+    diff = [
+        f"{name}={made.get(name, default)!r} (this run: {getattr(settings, name)!r})"
+        for name, default in _PROTOCOL.items()
+        if made.get(name, default) != getattr(settings, name)
+    ]
+    if diff:
+        raise ValueError(
+            f"the ranking in {folder} was made with {', '.join(diff)}; pass the same "
+            "--exclude-positions / --exclude-special / --bos as its rank run, or drop --ranking"
+        )
+
+
+def load_ranking(folder: str | Path, model_name: str, settings=None) -> pd.DataFrame:
+    """The ``neurons.csv`` of a finished ``rank`` run made with ``model_name`` (and, when
+    ``settings`` is given, the same token-position settings, :func:`check_ranking_protocol`)."""
     config = read_run_config(folder)
     if not config.get("finished") or config.get("command") != "rank":
         raise ValueError(f"{folder} is not a finished rank run")
@@ -49,6 +80,8 @@ def load_ranking(folder: str | Path, model_name: str) -> pd.DataFrame:
         raise ValueError(
             f"the ranking in {folder} was made with model {made_with!r}, not {model_name!r}"
         )
+    if settings is not None:
+        check_ranking_protocol(config, settings, folder)
     return pd.read_csv(Path(folder) / "neurons.csv")
 
 
@@ -56,7 +89,7 @@ def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.Da
     """The neuron table to select from: ``cfg.ranking``'s, or a new ``rank`` run in
     ``out/ranking`` with the same model, corpus, seqlen and seed."""
     if cfg.ranking:
-        return load_ranking(cfg.ranking, model.name), cfg.ranking
+        return load_ranking(cfg.ranking, model.name, cfg), cfg.ranking
     ranking_dir = str(out / "ranking")
     rank_cfg = config_from(
         RankConfig,

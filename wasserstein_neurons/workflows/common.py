@@ -5,12 +5,22 @@ inherits the settings groups it needs from here, so each flag is defined, defaul
 validated in one place:
 
 * :class:`ModelSettings` — which model and corpus (``--model --dataset --seqlen --batch-size
-  --device --dtype``); :class:`EvalSettings` adds the evaluation windows (``--eval-tokens``);
+  --device --dtype``) and whether every window starts with a BOS (``--bos``);
+  :class:`EvalSettings` adds the evaluation windows (``--eval-tokens``);
 * :class:`CalibrationSettings` — the calibration windows (``--nsamples --seed``; the SparseGPT
   protocol: ``nsamples`` random windows of ``seqlen`` tokens, seeded);
 * :class:`SparsitySettings` — the target (``--sparsity --prunen --prunem --wbits``), turned
   into a :class:`~wasserstein_neurons.pruning.PruneSpec` by
-  :meth:`~wasserstein_neurons.pruning.PruneSpec.from_settings` (n:m overrides sparsity).
+  :meth:`~wasserstein_neurons.pruning.PruneSpec.from_settings` (n:m overrides sparsity);
+* :class:`PositionSettings` — which tokens the output statistics leave out
+  (``--exclude-positions --exclude-special``, :mod:`wasserstein_neurons.positions`).
+
+``--bos`` puts the tokenizer's BOS in front of every window (calibration, evaluation and
+captured windows alike) and keeps each window ``seqlen`` tokens long: one BOS and
+``seqlen - 1`` text tokens (:func:`~wasserstein_neurons.data.prepend_bos`). So the model's
+context length, the number of windows and every token count stay what was asked for: the
+``eval_tokens // seqlen`` evaluation windows still score ``seqlen - 1`` predictions each,
+``nsamples`` calibration windows still hold ``nsamples · seqlen`` tokens.
 
 Run folders (``config.json``, tables) are handled by :mod:`wasserstein_neurons.runs`.
 """
@@ -21,10 +31,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..data import calibration_windows, evaluation_windows, load_tokens
+from ..data import bos_token_id, calibration_windows, evaluation_windows, load_tokens, prepend_bos
 from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..positions import RowSelection, check_exclude_positions, select_rows, special_token_ids
 from ..pruning import PruneSpec
 
 __all__ = [
@@ -32,6 +44,7 @@ __all__ = [
     "config_from",
     "EvalSettings",
     "ModelSettings",
+    "PositionSettings",
     "SparsitySettings",
     "eval_windows_for",
 ]
@@ -47,11 +60,37 @@ class ModelSettings:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"
+    bos: bool = False
 
     def load(self, model: LoadedModel | None = None) -> LoadedModel:
         """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
         settings' model, device and dtype."""
         return model or load_model(self.model, device=self.device, dtype=self.dtype)
+
+    def with_bos(self, model, windows: torch.Tensor) -> torch.Tensor:
+        """``windows`` ``[n, seqlen]``, with the tokenizer's BOS in front when ``bos`` (same
+        shape: the last text token of each window makes room for it)."""
+        if not self.bos:
+            return windows
+        return prepend_bos(windows, bos_token_id(model.tokenizer))
+
+
+@dataclass
+class PositionSettings:
+    """Tokens the output statistics leave out: each window's first ``exclude_positions``
+    positions and, with ``exclude_special``, the tokenizer's special tokens (BOS, EOS, pad).
+    The defaults leave out nothing (the paper's protocol)."""
+
+    exclude_positions: int = 0
+    exclude_special: bool = False
+
+    def validate_positions(self, seqlen: int) -> None:
+        check_exclude_positions(self.exclude_positions, seqlen)
+
+    def selection(self, model, windows) -> RowSelection:
+        """The kept rows of the flattened ``[n_windows, seqlen]`` ``windows``."""
+        ids = special_token_ids(model.tokenizer) if self.exclude_special else None
+        return select_rows(np.asarray(windows), self.exclude_positions, ids)
 
 
 @dataclass
@@ -71,7 +110,8 @@ class EvalSettings(ModelSettings):
 def eval_windows_for(model, settings: EvalSettings) -> torch.Tensor:
     """Non-overlapping evaluation windows ``[eval_tokens // seqlen, seqlen]``."""
     tokens = load_tokens(model.tokenizer, settings.dataset, "evaluation")
-    return evaluation_windows(tokens, settings.seqlen, max_tokens=settings.eval_tokens)
+    windows = evaluation_windows(tokens, settings.seqlen, max_tokens=settings.eval_tokens)
+    return settings.with_bos(model, windows)
 
 
 @dataclass
@@ -86,9 +126,11 @@ class CalibrationSettings:
             raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
 
     def calibration_windows(self, model) -> torch.Tensor:
-        """LongTensor ``[nsamples, seqlen]`` from the calibration split of ``self.dataset``."""
+        """LongTensor ``[nsamples, seqlen]`` from the calibration split of ``self.dataset``
+        (with a BOS in front of each when ``bos``)."""
         tokens = load_tokens(model.tokenizer, self.dataset, "calibration")
-        return calibration_windows(tokens, self.nsamples, self.seqlen, seed=self.seed)
+        windows = calibration_windows(tokens, self.nsamples, self.seqlen, seed=self.seed)
+        return self.with_bos(model, windows)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..data import load_tokens
@@ -44,7 +45,13 @@ from ..disentangle import (
 from ..expansion import DEFAULT_KMEANS_RESTARTS
 from ..ranking import check_percent
 from ..runs import prepare_run_dir, save_table, write_run_config
-from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
+from .common import (
+    CalibrationSettings,
+    EvalSettings,
+    PositionSettings,
+    SparsitySettings,
+    eval_windows_for,
+)
 
 __all__ = ["DisentangleConfig", "run_disentangle", "save_disentangle_plots"]
 
@@ -61,7 +68,7 @@ _ANALYSIS_SETTINGS = (
 
 
 @dataclass
-class DisentangleConfig(SparsitySettings, CalibrationSettings, EvalSettings):
+class DisentangleConfig(PositionSettings, SparsitySettings, CalibrationSettings, EvalSettings):
     """Knobs of a ``disentangle`` run (CLI flags of the same names).
 
     Attributes
@@ -86,6 +93,12 @@ class DisentangleConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         "Science notes").
     eval_tokens : int
         Held-out tokens (consecutive windows of the evaluation split).
+    exclude_positions, exclude_special : int, bool
+        Held-out tokens left out of every metric: each window's first ``exclude_positions``
+        positions and (``exclude_special``) its special tokens. Calibration (the Hessians and
+        routers) always uses every token.
+    bos : bool
+        Every calibration and held-out window starts with the tokenizer's BOS.
     pca_factor, kmeans_restarts : int
         Router settings (paper: 32 and 100). ``kmeans_restarts`` defaults to the Sparse
         Expansion builder's :data:`~wasserstein_neurons.expansion.DEFAULT_KMEANS_RESTARTS`.
@@ -124,6 +137,7 @@ class DisentangleConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         check_percent(self.top_percent)
         self.validate_eval()
         self.validate_calibration()
+        self.validate_positions(self.seqlen)
         for name in ("kmeans_restarts", "mapping_pairs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -253,12 +267,16 @@ def _collect_inputs(
     """Inputs of the studied linear from the dense model on calibration and held-out tokens.
 
     Returns ``x_cal`` ``[nsamples * seqlen, d_in]`` (seeded random windows), ``x_eval``
-    ``[<= eval_tokens, d_in]`` (consecutive windows of the evaluation split) and the corpus
-    record of ``config.json``.
+    ``[<= eval_tokens, d_in]`` (consecutive windows of the evaluation split, without the
+    tokens ``cfg`` excludes) and the corpus record of ``config.json``.
     """
     kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
     x_cal = collect_linear_inputs(model, cfg.calibration_windows(model), **kw)
-    x_eval = collect_linear_inputs(model, eval_windows_for(model, cfg), **kw)
+    eval_windows = eval_windows_for(model, cfg)
+    x_eval = collect_linear_inputs(model, eval_windows, **kw)
+    rows = cfg.selection(model, eval_windows).rows
+    if rows is not None:
+        x_eval = x_eval[torch.from_numpy(rows)]
     corpus = {
         "name": cfg.dataset,
         "calibration_split_tokens": len(load_tokens(model.tokenizer, cfg.dataset, "calibration")),

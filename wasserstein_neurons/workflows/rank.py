@@ -3,13 +3,21 @@
 Outputs in ``cfg.out``:
 
 ``neurons.csv`` / ``.parquet``   one row per (hook, neuron): ``layer, hook, neuron, wd, mean, std,
-                                 skew, kurtosis, n_tokens, constant, wd_rank, is_top``
-``top_neurons.csv``              the top-p% WD neurons of every hook
+                                 skew, kurtosis, n_tokens, constant, first_pos_share,
+                                 position_artefact, wd_rank, is_top``
+``top_neurons.csv``              the top-p% WD neurons of every hook (``position_artefact``:
+                                 their tail is mostly window-start tokens)
 ``top_contexts.csv``             top-activating tokens (both tails) of each hook's strongest
-                                 Wasserstein neurons
+                                 Wasserstein neurons, with their window and position in it
 ``wd_by_layer.png``, ``layer_<l>_grid.png``, ``top_neuron.png``
 ``activations/``                 the activation store (reopen with ``ActivationStore.open``)
 ``config.json``                  this config, model, corpus, token count, versions; written last
+
+Token positions (:class:`~wasserstein_neurons.workflows.common.PositionSettings`): with
+``exclude_positions = N`` every statistic, table, context and plot leaves out the first ``N``
+positions of each window, with ``exclude_special`` the special tokens; the capture itself is
+unchanged (the store keeps every token, so another exclusion can be computed from it later).
+``bos`` captures windows that start with the tokenizer's BOS (same ``tokens``, same ``seqlen``).
 """
 
 from __future__ import annotations
@@ -27,11 +35,11 @@ from ..data import load_tokens, sample_windows
 from ..ranking import check_percent, rank_store, top_activating_contexts, top_neurons
 from ..runs import prepare_run_dir, save_table, write_run_config
 from ..wasserstein import METHODS
-from .common import ModelSettings
+from .common import ModelSettings, PositionSettings
 
 
 @dataclass
-class RankConfig(ModelSettings):
+class RankConfig(PositionSettings, ModelSettings):
     """Knobs of a ``rank`` run (CLI flags of the same names)."""
 
     out: str = "runs/rank"
@@ -51,6 +59,7 @@ class RankConfig(ModelSettings):
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.tokens < self.seqlen:
             raise ValueError(f"--tokens ({self.tokens}) must be at least --seqlen ({self.seqlen})")
+        self.validate_positions(self.seqlen)
 
 
 @dataclass
@@ -74,7 +83,7 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
 
     t0 = time.perf_counter()
     tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
-    windows = sample_windows(tokens, cfg.tokens, cfg.seqlen, seed=cfg.seed)
+    windows = cfg.with_bos(model, sample_windows(tokens, cfg.tokens, cfg.seqlen, seed=cfg.seed))
     store = capture_activations(
         model,
         windows,
@@ -84,6 +93,7 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
         dtype=cfg.store_dtype,
         overwrite=True,
         progress=progress,
+        bos=cfg.bos,
     )
     seconds["capture"] = time.perf_counter() - t0
 
@@ -98,34 +108,43 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     if not cfg.keep_activations:
         remove_store(out / "activations")
         store = None
-    model_info = {
-        "name": model.name,
-        "family": model.adapter.family,
-        "n_layers": model.adapter.n_layers,
-        "d_mlp": model.adapter.d_mlp,
-    }
-    write_run_config(
-        out,
-        {
-            "command": "rank",
-            "config": asdict(cfg),
-            "model": model_info,
-            "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": len(tokens)},
-            "n_tokens": int(windows.numel()),
-            "hooks": table["hook"].unique().tolist(),
-            "seconds": seconds,
-        },
-    )
+    record = _run_record(cfg, model, len(tokens), int(windows.numel()), table, seconds)
+    write_run_config(out, record)
     return RankResult(
         out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
     )
+
+
+def _run_record(cfg: RankConfig, model, split_tokens: int, n_tokens: int, table, seconds) -> dict:
+    """What ``config.json`` records: config, model, corpus, token counts, hooks, timings."""
+    return {
+        "command": "rank",
+        "config": asdict(cfg),
+        "model": {
+            "name": model.name,
+            "family": model.adapter.family,
+            "n_layers": model.adapter.n_layers,
+            "d_mlp": model.adapter.d_mlp,
+        },
+        "corpus": {"name": cfg.dataset, "split": "calibration", "split_tokens": split_tokens},
+        "n_tokens": n_tokens,
+        "n_tokens_kept": int(table["n_tokens"].iloc[0]),
+        "hooks": table["hook"].unique().tolist(),
+        "seconds": seconds,
+    }
 
 
 def _rank_table(
     store: ActivationStore, cfg: RankConfig, progress: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-neuron table (with ``is_top``) and its top-p% rows per hook."""
-    table = rank_store(store, method=cfg.method, progress=progress)
+    table = rank_store(
+        store,
+        method=cfg.method,
+        progress=progress,
+        exclude_positions=cfg.exclude_positions,
+        exclude_special=cfg.exclude_special,
+    )
     top = top_neurons(table, cfg.top_percent)
     key = ["hook", "neuron"]
     table["is_top"] = pd.MultiIndex.from_frame(table[key]).isin(pd.MultiIndex.from_frame(top[key]))
@@ -134,6 +153,7 @@ def _rank_table(
 
 def _report(out: Path, store, tokenizer, table, top, cfg: RankConfig) -> pd.DataFrame:
     """Write the tables, the top contexts and the plots; returns the contexts table."""
+    selection = store.select(cfg.exclude_positions, cfg.exclude_special)
     contexts = pd.concat(
         [
             top_activating_contexts(
@@ -141,6 +161,7 @@ def _report(out: Path, store, tokenizer, table, top, cfg: RankConfig) -> pd.Data
                 tokenizer,
                 hook,
                 group.nlargest(cfg.contexts_per_hook, "wd")["neuron"].to_numpy(),
+                selection=selection,
             )
             for hook, group in top.groupby("hook", sort=False)
         ],
@@ -149,7 +170,7 @@ def _report(out: Path, store, tokenizer, table, top, cfg: RankConfig) -> pd.Data
     save_table(table, out, "neurons")
     save_table(top, out, "top_neurons")
     contexts.to_csv(out / "top_contexts.csv", index=False)
-    _save_plots(out, store, table, cfg.top_percent)
+    _save_plots(out, store, table, cfg.top_percent, selection.rows)
     return contexts
 
 
@@ -159,14 +180,18 @@ def _plot_layers(hooks: list[str]) -> list[str]:
     return [hooks[0], hooks[len(hooks) // 2], hooks[-1]]
 
 
-def _save_plots(out: Path, store: ActivationStore, table: pd.DataFrame, top_percent: float) -> None:
+def _save_plots(
+    out: Path, store: ActivationStore, table: pd.DataFrame, top_percent: float, rows=None
+) -> None:
+    """The WD-by-layer figure, three layer grids and the top neuron's histogram (kept rows)."""
     plotting.save_figure(plotting.plot_wd_by_layer(table, top_percent), out / "wd_by_layer.png")
     hooks = list(dict.fromkeys(table.sort_values("layer")["hook"]))
     for hook in _plot_layers(hooks):
-        fig = plotting.plot_layer_grid(store.array(hook), table, hook)
+        fig = plotting.plot_layer_grid(store.array(hook), table, hook, token_rows=rows)
         plotting.save_figure(fig, out / f"{hook.replace('.', '_')}_grid.png")
     best = table.loc[table["wd"].idxmax()]
-    values = np.asarray(store.array(best["hook"])[:, int(best["neuron"])], dtype=np.float64)
+    values = store.array(best["hook"])[:, int(best["neuron"])]
+    values = np.asarray(values if rows is None else values[rows], dtype=np.float64)
     fig = plotting.plot_neuron_histogram(
         values, wd=best["wd"], title=f"{best['hook']} neuron {int(best['neuron'])}"
     )
