@@ -360,12 +360,13 @@ def run_hooked(
     """
     n_layers = model.adapter.n_layers
     stop = last_layer + 1 if last_layer is not None and 0 <= last_layer < n_layers - 1 else None
+    fwd_hooks = list(fwd_hooks)
     for start in tqdm(
         range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress
     ):
         batch = windows[start : start + batch_size].to(model.device)
         model.bridge.run_with_hooks(
-            batch, fwd_hooks=list(fwd_hooks), return_type=None, stop_at_layer=stop
+            batch, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop
         )
 
 

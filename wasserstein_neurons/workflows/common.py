@@ -107,9 +107,11 @@ class EvalSettings(ModelSettings):
             )
 
 
-def eval_windows_for(model, settings: EvalSettings) -> torch.Tensor:
-    """Non-overlapping evaluation windows ``[eval_tokens // seqlen, seqlen]``."""
-    tokens = load_tokens(model.tokenizer, settings.dataset, "evaluation")
+def eval_windows_for(model, settings: EvalSettings, tokens=None) -> torch.Tensor:
+    """Non-overlapping evaluation windows ``[eval_tokens // seqlen, seqlen]`` (from
+    ``tokens``, the already tokenised evaluation split, when the caller has it)."""
+    if tokens is None:
+        tokens = load_tokens(model.tokenizer, settings.dataset, "evaluation")
     windows = evaluation_windows(tokens, settings.seqlen, max_tokens=settings.eval_tokens)
     return settings.with_bos(model, windows)
 
@@ -125,10 +127,11 @@ class CalibrationSettings:
         if self.nsamples < 1:
             raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
 
-    def calibration_windows(self, model) -> torch.Tensor:
+    def calibration_windows(self, model, tokens=None) -> torch.Tensor:
         """LongTensor ``[nsamples, seqlen]`` from the calibration split of ``self.dataset``
-        (with a BOS in front of each when ``bos``)."""
-        tokens = load_tokens(model.tokenizer, self.dataset, "calibration")
+        (with a BOS in front of each when ``bos``); ``tokens``: that split, already tokenised."""
+        if tokens is None:
+            tokens = load_tokens(model.tokenizer, self.dataset, "calibration")
         windows = calibration_windows(tokens, self.nsamples, self.seqlen, seed=self.seed)
         return self.with_bos(model, windows)
 

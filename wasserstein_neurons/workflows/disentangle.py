@@ -271,16 +271,18 @@ def _collect_inputs(
     tokens ``cfg`` excludes) and the corpus record of ``config.json``.
     """
     kw = dict(layer=layer, role=role, batch_size=cfg.batch_size, progress=progress)
-    x_cal = collect_linear_inputs(model, cfg.calibration_windows(model), **kw)
-    eval_windows = eval_windows_for(model, cfg)
+    cal_tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
+    eval_tokens = load_tokens(model.tokenizer, cfg.dataset, "evaluation")
+    x_cal = collect_linear_inputs(model, cfg.calibration_windows(model, cal_tokens), **kw)
+    eval_windows = eval_windows_for(model, cfg, eval_tokens)
     x_eval = collect_linear_inputs(model, eval_windows, **kw)
     rows = cfg.selection(model, eval_windows).rows
     if rows is not None:
         x_eval = x_eval[torch.from_numpy(rows)]
     corpus = {
         "name": cfg.dataset,
-        "calibration_split_tokens": len(load_tokens(model.tokenizer, cfg.dataset, "calibration")),
-        "evaluation_split_tokens": len(load_tokens(model.tokenizer, cfg.dataset, "evaluation")),
+        "calibration_split_tokens": len(cal_tokens),
+        "evaluation_split_tokens": len(eval_tokens),
     }
     return x_cal, x_eval, corpus
 
