@@ -1,4 +1,4 @@
-"""Neuron-set sparsification studies: do Wasserstein neurons matter more than others?
+r"""Neuron-set sparsification studies: do Wasserstein neurons matter more than others?
 
 In every MLP, pick ``k = round(p% · d_mlp)`` neurons with a *strategy*, sparsify their rows to a
 per-row ``neuron_sparsity`` with magnitude, Wanda or SparseGPT, measure perplexity, and restore
@@ -18,6 +18,17 @@ GPT-2 — row ``j`` of the first projection. With ``include_down`` column ``j`` 
 projection is sparsified too, always by magnitude (for one column Wanda's score reduces to
 magnitude and SparseGPT's row-wise updates do not apply).
 
+Modes (``AblationConfig.modes``): ``weights`` (the above, the default) or an activation-level
+intervention through the TransformerLens hook ``blocks.{l}.mlp.<hook>``
+(:mod:`wasserstein_neurons.interventions`): ``zero`` (optionally only the negative / positive
+part), ``mean``, ``resample`` the selected neurons' outputs, or ``threshold`` them (zero
+:math:`|a_j| < \tau_j`, the calibration quantile ``activation_sparsity`` of each channel, or
+one threshold per layer with ``rule="uniform"``).  A threshold ``scope`` says which neurons of
+each layer are thresholded: ``selected`` (the strategy's set), ``all`` (every neuron; no
+strategy, the rows say ``strategy="all"``) or ``complement`` (every neuron except the
+strategy's set, which stays dense: the CHESS-style selective rule).  No weight changes in the
+activation modes; their hooks are removed after each setting.
+
 Calibration: Wanda and SparseGPT statistics come from *one* pass of the dense model over the
 calibration windows and are reused for every setting. Each setting perturbs only ``p``% of the
 rows, so the sequential re-calibration of one-shot pruning would change the inputs very little;
@@ -36,10 +47,22 @@ from tqdm.auto import tqdm
 
 from .capture import run_hooked
 from .evaluate import perplexity
+from .interventions import (
+    HOOKS,
+    MODES,
+    RULES,
+    SIGNS,
+    ActivationStats,
+    Intervention,
+    check_activation_sparsity,
+    intervened,
+    intervention_hooks,
+)
 from .pruning import PRUNERS, Pruner, PruneSpec, WeightSnapshot, check_method, make_pruner
 from .ranking import count_for_percent
 
 STRATEGIES = ("wd-top", "wd-bottom", "random", "mean", "variance", "norm")
+SCOPES = ("selected", "all", "complement")
 
 
 def parse_strategies(strategies: str | Sequence[str]) -> list[str]:
@@ -54,30 +77,48 @@ def parse_strategies(strategies: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(strategies))
 
 
+def _norm_scores(model, layer: int, hook: str) -> np.ndarray:
+    """``[d_mlp]`` L2 norms of each neuron's weights at ``hook``: the row of the linear whose
+    output the hook carries (``hook_pre`` / ``hook_pre_linear``), or the neuron's column of the
+    down projection (``hook_post``, the down projection's input)."""
+    adapter = model.adapter
+    role = next(s.role for s in adapter.linears if s.neuron_hook == hook)
+    w = adapter.weight(model.hf_model, layer, role).float()
+    return (w.norm(dim=0) if role == "down" else w.norm(dim=1)).cpu().numpy()
+
+
 def select_neurons(
-    strategy: str, table: pd.DataFrame | None, model, layer: int, k: int, seed: int = 0
+    strategy: str,
+    table: pd.DataFrame | None,
+    model,
+    layer: int,
+    k: int,
+    seed: int = 0,
+    hook: str | None = None,
 ) -> np.ndarray:
     """Indices ``[k]`` of the neurons of ``layer`` chosen by ``strategy`` (sorted).
 
-    ``table`` is a ranking table (``layer, hook, neuron, wd, mean, std``) of the layer's
-    first-projection hook; it is needed by every strategy except ``random`` and ``norm``.
+    ``hook`` is the hook kind whose neurons are chosen (default: the first projection's,
+    ``hook_pre``). ``table`` is a ranking table (``layer, hook, neuron, wd, mean, std``) that
+    holds that hook; it is needed by every strategy except ``random`` and ``norm``.
     """
-    d_mlp = model.adapter.d_mlp
+    adapter = model.adapter
+    d_mlp = adapter.d_mlp
+    hook = hook or adapter.spec(adapter.first_role).neuron_hook
     if strategy == "random":
         rng = np.random.default_rng([seed, layer])
         return np.sort(rng.choice(d_mlp, size=k, replace=False))
     if strategy == "norm":
-        w = model.adapter.weight(model.hf_model, layer, model.adapter.first_role)
-        scores = w.float().norm(dim=1).cpu().numpy()
+        scores = _norm_scores(model, layer, hook)
         return np.sort(np.argsort(-scores, kind="stable")[:k])
     if table is None:
         raise ValueError(f"strategy {strategy!r} needs a ranking table")
-    hook = model.adapter.hook_name(layer, model.adapter.first_role)
-    rows = table[table["hook"] == hook]
+    name = f"blocks.{layer}.mlp.{hook}"
+    rows = table[table["hook"] == name]
     if len(rows) != d_mlp:
         raise ValueError(
-            f"the ranking table has {len(rows)} rows for {hook}, expected {d_mlp}; "
-            "was it made with another model or hook?"
+            f"the ranking table has {len(rows)} rows for {name}, expected {d_mlp}; "
+            f"was it made with another model, or without {hook} in its --hooks?"
         )
     rows = rows.set_index("neuron").sort_index()
     column, largest = {
@@ -169,23 +210,196 @@ def sparsify_neurons(
     return snapshot
 
 
+def _names(value: str | Sequence[str], valid: Sequence[str], what: str) -> list[str]:
+    """Validate a comma-separated string or list of names against ``valid`` (order kept)."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in value if v not in valid]
+    if bad or not value:
+        raise ValueError(f"unknown {what} {', '.join(bad) or '(none)'}; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(value))
+
+
 @dataclass
 class AblationConfig:
+    """Knobs of a study; :meth:`validate` checks them and fills the mode-dependent defaults.
+
+    ``sign`` (``None`` → ``"both"``) applies only to mode ``zero``; ``activation_sparsities``
+    (``None`` → ``(0.5,)``), ``threshold_scopes`` and ``threshold_rules`` only to ``threshold``;
+    ``stats_tokens`` bounds the calibration pool of the activation modes
+    (:func:`~wasserstein_neurons.interventions.collect_activation_stats`).
+    """
+
     strategies: Sequence[str] = ("wd-top", "random", "wd-bottom")
     top_percent: float = 3.0
     neuron_sparsities: Sequence[float] = (0.9,)
     method: str = "magnitude"
     seeds: int = 3
     include_down: bool = False
+    modes: Sequence[str] = ("weights",)
+    hook: str = "hook_pre"
+    sign: str | None = None
+    activation_sparsities: Sequence[float] | None = None
+    threshold_scopes: Sequence[str] = ("selected",)
+    threshold_rules: Sequence[str] = ("channel",)
+    stats_tokens: int = 4096
 
     def validate(self) -> None:
         self.strategies = parse_strategies(self.strategies)
+        self.modes = _names(self.modes, MODES, "mode")
         check_method(self.method)
         for s in self.neuron_sparsities:
             PruneSpec(sparsity=s)  # raises a clear ValueError outside [0, 1)
         count_for_percent(1, self.top_percent)
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        if self.hook not in HOOKS:
+            raise ValueError(f"unknown hook {self.hook!r}; valid: {', '.join(HOOKS)}")
+        self._validate_activation()
+
+    def _validate_activation(self) -> None:
+        if self.sign is not None:
+            if "zero" not in self.modes:
+                raise ValueError("--sign applies only to --mode zero")
+            _names([self.sign], SIGNS, "sign")
+        threshold = "threshold" in self.modes
+        if self.activation_sparsities is None:
+            self.activation_sparsities = (0.5,) if threshold else ()
+        elif len(self.activation_sparsities) and not threshold:
+            raise ValueError("--activation-sparsity applies only to --mode threshold")
+        for q in self.activation_sparsities:
+            check_activation_sparsity(q)
+        self.threshold_scopes = _names(self.threshold_scopes, SCOPES, "threshold scope")
+        self.threshold_rules = _names(self.threshold_rules, RULES, "threshold rule")
+        if self.stats_tokens < 1:
+            raise ValueError(f"stats_tokens must be at least 1, got {self.stats_tokens}")
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether a mode reads calibration activation statistics (mean, resample, threshold)."""
+        return any(m in ("mean", "resample", "threshold") for m in self.modes)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the sweep (one perplexity). Fields not used by ``mode`` hold ``nan`` / ``""``."""
+
+    mode: str
+    strategy: str
+    seed: int = 0
+    neuron_sparsity: float = float("nan")
+    activation_sparsity: float = float("nan")
+    scope: str = ""
+    rule: str = ""
+    sign: str = ""
+
+
+def _seeds(cfg: AblationConfig, strategy: str) -> range:
+    return range(cfg.seeds) if strategy == "random" else range(1)
+
+
+def ablation_settings(cfg: AblationConfig) -> list[Setting]:
+    """Every setting of a validated ``cfg``, mode by mode in ``cfg.modes`` order.
+
+    ``weights``: strategy × seed × neuron sparsity; ``zero`` / ``mean`` / ``resample``:
+    strategy × seed; ``threshold``: scope × rule × strategy × seed × activation sparsity, with
+    scope ``all`` run once per rule and sparsity (``strategy="all"``, seed 0).
+    """
+    out: list[Setting] = []
+    for mode in cfg.modes:
+        if mode == "threshold":
+            for scope in cfg.threshold_scopes:
+                for rule in cfg.threshold_rules:
+                    strategies = ["all"] if scope == "all" else cfg.strategies
+                    out += [
+                        Setting(mode, s, seed, activation_sparsity=float(q), scope=scope, rule=rule)
+                        for s in strategies
+                        for seed in _seeds(cfg, s)
+                        for q in cfg.activation_sparsities
+                    ]
+        elif mode == "weights":
+            out += [
+                Setting(mode, s, seed, neuron_sparsity=float(sp))
+                for s in cfg.strategies
+                for seed in _seeds(cfg, s)
+                for sp in cfg.neuron_sparsities
+            ]
+        else:
+            sign = (cfg.sign or "both") if mode == "zero" else ""
+            out += [
+                Setting(mode, s, seed, sign=sign) for s in cfg.strategies for seed in _seeds(cfg, s)
+            ]
+    return out
+
+
+def _scoped(setting: Setting, chosen: np.ndarray, d_mlp: int) -> np.ndarray | None:
+    """The channels a setting intervenes on: the chosen set, every channel (``None``), or every
+    channel outside the chosen set."""
+    if setting.scope == "all":
+        return None
+    if setting.scope == "complement":
+        return np.setdiff1d(np.arange(d_mlp), chosen)
+    return chosen
+
+
+@dataclass
+class _Sweep:
+    """What every setting of one :func:`run_ablation` call reads."""
+
+    model: object
+    table: pd.DataFrame | None
+    cfg: AblationConfig
+    k: int
+    eval_windows: torch.Tensor
+    cache: CalibrationCache | None
+    stats: ActivationStats | None
+    batch_size: int
+
+    def selection(self, strategy: str, seed: int) -> dict[int, np.ndarray]:
+        n_layers = self.model.adapter.n_layers
+        if strategy == "all":
+            return {layer: np.arange(self.model.adapter.d_mlp) for layer in range(n_layers)}
+        return {
+            layer: select_neurons(
+                strategy, self.table, self.model, layer, self.k, seed, self.cfg.hook
+            )
+            for layer in range(n_layers)
+        }
+
+    def measure(self, s: Setting) -> float:
+        """Perplexity under setting ``s``; weights restored / hooks removed afterwards."""
+        selection = self.selection(s.strategy, s.seed)
+        if s.mode == "weights":
+            if self.cache is None:
+                raise ValueError("mode 'weights' needs a CalibrationCache")
+            snapshot = sparsify_neurons(
+                self.model, selection, s.neuron_sparsity, self.cache, self.cfg.include_down
+            )
+            try:
+                return self._ppl()
+            finally:
+                snapshot.restore()
+        iv = Intervention(
+            s.mode,
+            sign=s.sign or "both",
+            activation_sparsity=0.0 if s.mode != "threshold" else s.activation_sparsity,
+            rule=s.rule or "channel",
+            seed=s.seed,
+        )
+        d_mlp = self.model.adapter.d_mlp
+        neurons = {layer: _scoped(s, chosen, d_mlp) for layer, chosen in selection.items()}
+        hooks = intervention_hooks(self.model, neurons, iv, self.stats, hook=self.cfg.hook)
+        with intervened(self.model, hooks):
+            return self._ppl(use_sdpa=False)  # the native sdpa path would bypass the hooks
+
+    def _ppl(self, use_sdpa: bool = True) -> float:
+        return perplexity(
+            self.model,
+            self.eval_windows,
+            batch_size=self.batch_size,
+            use_sdpa=use_sdpa,
+            progress=False,
+        ).perplexity
 
 
 def run_ablation(
@@ -193,56 +407,73 @@ def run_ablation(
     table: pd.DataFrame | None,
     cfg: AblationConfig,
     eval_windows: torch.Tensor,
-    cache: CalibrationCache,
+    cache: CalibrationCache | None,
     batch_size: int = 8,
     progress: bool = True,
+    stats: ActivationStats | None = None,
 ) -> pd.DataFrame:
-    """Every (strategy, seed, sparsity) setting → one perplexity; weights restored after each.
+    """Every setting (:func:`ablation_settings`) → one row with its perplexity.
 
-    The first row is the dense model (``strategy="dense"``, ``neuron_sparsity=0``).
-    Deterministic strategies run once (``seed`` 0); ``random`` runs ``cfg.seeds`` times.
+    The first row is the dense model (``strategy="dense"``, ``mode="dense"``, both sparsities
+    0).  Deterministic strategies run once (``seed`` 0); ``random`` runs ``cfg.seeds`` times.
+    ``cache`` (pruning statistics) is needed by mode ``weights``, ``stats`` (activation
+    statistics of ``cfg.hook``) by ``mean``, ``resample`` and ``threshold``.  After each setting
+    the weights are restored bit-exactly and the hooks removed.
     """
     cfg.validate()
-    k = count_for_percent(model.adapter.d_mlp, cfg.top_percent)
-    base = dict(
-        top_percent=cfg.top_percent,
-        method=cfg.method,
-        neurons_per_layer=k,
-        include_down=cfg.include_down,
+    if cfg.needs_stats and (stats is None or stats.hook != cfg.hook):
+        raise ValueError(f"modes {', '.join(cfg.modes)} need activation statistics of {cfg.hook}")
+    sweep = _Sweep(
+        model,
+        table,
+        cfg,
+        count_for_percent(model.adapter.d_mlp, cfg.top_percent),
+        eval_windows,
+        cache,
+        stats,
+        batch_size,
     )
-    dense = perplexity(model, eval_windows, batch_size=batch_size, progress=False)
-    rows = [
-        dict(strategy="dense", seed=0, neuron_sparsity=0.0, perplexity=dense.perplexity, **base)
-    ]
-    settings = [
-        (s, seed, sp)
-        for s in cfg.strategies
-        for seed in (range(cfg.seeds) if s == "random" else [0])
-        for sp in cfg.neuron_sparsities
-    ]
-    for strategy, seed, sparsity in tqdm(settings, desc="ablation", disable=not progress):
-        selection = {
-            layer: select_neurons(strategy, table, model, layer, k, seed)
-            for layer in range(model.adapter.n_layers)
-        }
-        snapshot = sparsify_neurons(model, selection, sparsity, cache, cfg.include_down)
-        try:
-            ppl = perplexity(model, eval_windows, batch_size=batch_size, progress=False)
-        finally:
-            snapshot.restore()
-        rows.append(
-            dict(
-                strategy=strategy,
-                seed=seed,
-                neuron_sparsity=sparsity,
-                perplexity=ppl.perplexity,
-                **base,
-            )
-        )
+    base = dict(top_percent=cfg.top_percent, hook=cfg.hook, neurons_per_layer=sweep.k)
+    dense = Setting("dense", "dense", neuron_sparsity=0.0, activation_sparsity=0.0)
+    rows = [_row(dense, sweep._ppl(), cfg, base)]
+    for setting in tqdm(ablation_settings(cfg), desc="ablation", disable=not progress):
+        rows.append(_row(setting, sweep.measure(setting), cfg, base))
     return pd.DataFrame(rows)
 
 
+def _row(s: Setting, ppl: float, cfg: AblationConfig, base: dict) -> dict:
+    weights = s.mode in ("weights", "dense")
+    return dict(
+        strategy=s.strategy,
+        seed=s.seed,
+        mode=s.mode,
+        neuron_sparsity=s.neuron_sparsity,
+        activation_sparsity=s.activation_sparsity,
+        scope=s.scope,
+        rule=s.rule,
+        sign=s.sign,
+        method=cfg.method if weights else "",
+        include_down=cfg.include_down if weights else False,
+        perplexity=ppl,
+        **base,
+    )
+
+
+SUMMARY_KEYS = (
+    "mode",
+    "strategy",
+    "scope",
+    "rule",
+    "sign",
+    "neuron_sparsity",
+    "activation_sparsity",
+)
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, min and max perplexity over seeds per (strategy, neuron_sparsity)."""
-    grouped = results.groupby(["strategy", "neuron_sparsity"], sort=False)["perplexity"]
+    """Mean, min and max perplexity over seeds per setting (:data:`SUMMARY_KEYS` present in
+    ``results``; tables written before the activation modes have only ``strategy`` and
+    ``neuron_sparsity``)."""
+    keys = [k for k in SUMMARY_KEYS if k in results.columns]
+    grouped = results.groupby(keys, sort=False, dropna=False)["perplexity"]
     return grouped.agg(["mean", "min", "max", "count"]).reset_index()

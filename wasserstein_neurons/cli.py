@@ -265,13 +265,65 @@ def _add_ablate(sub) -> None:
         default=32768,
         help="tokens for the ranking made when --ranking is not given",
     )
+    _add_activation_modes(p)
+
+
+def _add_activation_modes(p: argparse.ArgumentParser) -> None:
+    from .interventions import HOOKS, MODES
+
+    p.add_argument(
+        "--mode",
+        default="weights",
+        help=f"comma-separated: {', '.join(MODES)} (default weights: sparsify rows)",
+    )
+    p.add_argument(
+        "--hook",
+        default="hook_pre",
+        help=f"hook the neurons are selected and intervened on: {' | '.join(HOOKS)}",
+    )
+    p.add_argument(
+        "--sign", default=None, help="--mode zero: zero only the negative | positive | both parts"
+    )
+    p.add_argument(
+        "--activation-sparsity",
+        type=_floats,
+        default=None,
+        help="--mode threshold: share of each channel's calibration |a| zeroed, comma-separated "
+        "(default 0.5)",
+    )
+    p.add_argument(
+        "--threshold-scope",
+        default="selected",
+        help="--mode threshold, comma-separated: selected (the strategy's neurons), all "
+        "(every neuron), complement (all but the strategy's neurons)",
+    )
+    p.add_argument(
+        "--threshold-rule",
+        default="channel",
+        help="--mode threshold: channel (a quantile per neuron, CHESS/CATS) and/or uniform "
+        "(one per layer, TEAL)",
+    )
+    p.add_argument(
+        "--stats-tokens",
+        type=int,
+        default=4096,
+        help="calibration tokens pooled for the mean / resample / threshold statistics",
+    )
 
 
 def _ablate(args: argparse.Namespace) -> int:
     from .ablation import AblationConfig, summarize
     from .workflows import AblateConfig, run_ablate
 
-    study = _config(AblationConfig, args, neuron_sparsities=args.neuron_sparsity)
+    study = _config(
+        AblationConfig,
+        args,
+        neuron_sparsities=args.neuron_sparsity,
+        modes=args.mode,
+        activation_sparsities=args.activation_sparsity,
+        threshold_scopes=args.threshold_scope,
+        threshold_rules=args.threshold_rule,
+    )
     cfg = _config(AblateConfig, args, study=study, rank_tokens=args.tokens)
     results = run_ablate(cfg, progress=not args.no_progress)
     _print_table(summarize(results))

@@ -145,32 +145,84 @@ def plot_wd_by_layer(table: pd.DataFrame, top_percent: float | None = 3.0):
 
 
 def plot_ablation(results: pd.DataFrame, title: str = ""):
-    """Perplexity vs neuron sparsity, one line per strategy; seed spread as a shaded band.
+    """Perplexity of each ablation setting: one panel per mode, the dense model dashed in each.
 
-    ``results`` has columns ``strategy, seed, neuron_sparsity, perplexity`` (a ``dense`` row,
-    if present, is drawn as a horizontal reference line).
+    ``results`` is an ``ablation.csv`` table (:func:`~wasserstein_neurons.ablation.run_ablation`;
+    one written before the activation modes, without ``mode``, reads as all ``weights``).
+    ``weights``: perplexity vs neuron sparsity, one line per strategy; ``threshold``: vs
+    activation sparsity, one line per strategy and scope (``all`` neurons, ``all but`` a set, or
+    only the set) and rule; ``zero`` / ``mean`` / ``resample``: one point per strategy.  The
+    spread over seeds (``random``) is a shaded band or an error bar.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    if "mode" not in results.columns:
+        results = results.assign(mode=np.where(results["strategy"] == "dense", "dense", "weights"))
+    modes = [m for m in dict.fromkeys(results["mode"]) if m != "dense"] or ["weights"]
+    ncols = min(3, len(modes))
+    nrows = -(-len(modes) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(modes) :]:
+        ax.set_visible(False)
     dense = results[results["strategy"] == "dense"]
-    if len(dense):
-        ax.axhline(dense["perplexity"].iloc[0], color="k", ls="--", lw=1, label="dense")
-    studied = results[results["strategy"] != "dense"]
-    for i, (strategy, group) in enumerate(studied.groupby("strategy", sort=False)):
-        stats = group.groupby("neuron_sparsity")["perplexity"].agg(["mean", "min", "max"])
-        x = stats.index.to_numpy()
-        n_seeds = group["seed"].nunique()
-        label = strategy + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")
-        ax.plot(x, stats["mean"], "o-", color=f"C{i}", label=label)
-        if n_seeds > 1:
-            ax.fill_between(x, stats["min"], stats["max"], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("neuron sparsity (fraction of each selected row zeroed)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    _plain_log_ticks(ax)
-    ax.set_title(title or "Sparsifying neuron sets", fontsize=10)
-    ax.legend(fontsize=8)
+    for ax, mode in zip(axes.flat, modes, strict=False):
+        if len(dense):
+            ax.axhline(dense["perplexity"].iloc[0], color="k", ls="--", lw=1, label="dense")
+        rows = results[results["mode"] == mode]
+        if mode == "weights":
+            _ablation_curves(ax, rows, "neuron_sparsity", ["strategy"])
+            ax.set_xlabel("neuron sparsity (fraction of each selected row zeroed)")
+        elif mode == "threshold":
+            _ablation_curves(ax, rows, "activation_sparsity", ["strategy", "scope", "rule"])
+            ax.set_xlabel("activation sparsity (calibration quantile of |a|)")
+        else:
+            _ablation_points(ax, rows)
+        sign = rows["sign"].iloc[0] if mode == "zero" and "sign" in rows else ""
+        ax.set_title(mode + (f" (sign {sign})" if sign and sign != "both" else ""), fontsize=10)
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Ablating neuron sets", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _ablation_label(key: dict) -> str:
+    """Legend label of one curve: the strategy, with the threshold scope and rule."""
+    strategy, scope, rule = key["strategy"], key.get("scope", ""), key.get("rule", "")
+    label = {"all": "all neurons", "complement": f"all but {strategy}"}.get(scope, strategy)
+    return label + (" (uniform)" if rule == "uniform" else "")
+
+
+def _ablation_curves(ax, rows: pd.DataFrame, x: str, keys: list[str]) -> None:
+    """One line per ``keys`` group: mean perplexity vs ``x``, min-max band over seeds."""
+    keys = [k for k in keys if k in rows.columns]
+    for i, (values, group) in enumerate(rows.groupby(keys, sort=False, dropna=False)):
+        key = dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True))
+        stats = group.groupby(x)["perplexity"].agg(["mean", "min", "max"])
+        n_seeds = group["seed"].nunique()
+        label = _ablation_label(key) + (f" ({n_seeds} seeds)" if n_seeds > 1 else "")
+        ax.plot(stats.index.to_numpy(), stats["mean"], "o-", color=f"C{i}", label=label)
+        if n_seeds > 1:
+            ax.fill_between(stats.index, stats["min"], stats["max"], color=f"C{i}", alpha=0.2)
+
+
+def _ablation_points(ax, rows: pd.DataFrame) -> None:
+    """One point per strategy (mean over seeds, min-max error bar)."""
+    stats = rows.groupby("strategy", sort=False)["perplexity"].agg(["mean", "min", "max"])
+    x = np.arange(len(stats))
+    err = np.vstack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]])
+    for i, strategy in enumerate(stats.index):
+        ax.errorbar(
+            x[i],
+            stats["mean"].iloc[i],
+            yerr=err[:, i : i + 1],
+            fmt="o",
+            color=f"C{i}",
+            capsize=3,
+            label=strategy,
+        )
+    ax.set_xticks(x, list(stats.index), fontsize=8)
+    ax.set_xlabel("neurons intervened on")
 
 
 # --------------------------------------------------------------------------------------------

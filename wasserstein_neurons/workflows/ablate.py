@@ -1,8 +1,16 @@
 """The ``ablate`` workflow: rank (or reuse a ranking), calibrate once, sweep, save, plot.
 
-Outputs in ``out``: ``ablation.csv`` (``strategy, seed, top_percent, neuron_sparsity, method,
-perplexity, neurons_per_layer, include_down``; the first row is the dense model),
-``ablation_summary.csv`` (mean / min / max over seeds), ``ablation.png`` and ``config.json``.
+Outputs in ``out``: ``ablation.csv`` (``strategy, seed, mode, neuron_sparsity,
+activation_sparsity, scope, rule, sign, method, include_down, perplexity, top_percent, hook,
+neurons_per_layer``; the first row is the dense model; a column that does not apply to a row's
+mode is empty), ``ablation_summary.csv`` (mean / min / max over seeds), ``ablation.png`` (one
+panel per mode) and ``config.json``.
+
+Calibration: the ``nsamples`` calibration windows feed the pruning statistics of mode
+``weights`` (:func:`~wasserstein_neurons.ablation.collect_calibration`) and the activation
+statistics of ``mean`` / ``resample`` / ``threshold``
+(:func:`~wasserstein_neurons.interventions.collect_activation_stats`, a pool of at most
+``study.stats_tokens`` rows drawn with ``seed``); each pass runs only when a mode needs it.
 Without ``ranking`` a ranking is made first in ``out/ranking``, with this run's token-position
 settings (``exclude_positions``, ``exclude_special``, ``bos``): the strategies that read output
 statistics (``wd-top``, ``wd-bottom``, ``mean``, ``variance``) then select on statistics without
@@ -19,6 +27,7 @@ import pandas as pd
 
 from .. import plotting
 from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
+from ..interventions import check_hook, collect_activation_stats
 from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
 from .common import (
     CalibrationSettings,
@@ -96,10 +105,34 @@ def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.Da
         cfg,
         out=ranking_dir,
         tokens=cfg.rank_tokens,
+        hooks=f"blocks.*.mlp.{cfg.study.hook}",
         keep_activations=False,
         overwrite=True,
     )
     return run_rank(rank_cfg, model=model, progress=progress).table, ranking_dir
+
+
+def _calibrate(cfg: AblateConfig, model, progress: bool):
+    """The pruning statistics (mode ``weights``) and the activation statistics (``mean``,
+    ``resample``, ``threshold``) of the calibration windows; ``None`` for what no mode needs."""
+    study = cfg.study
+    windows = cfg.calibration_windows(model)
+    cache = stats = None
+    if "weights" in study.modes:
+        cache = collect_calibration(
+            model, windows, study.method, batch_size=cfg.batch_size, progress=progress
+        )
+    if study.needs_stats:
+        stats = collect_activation_stats(
+            model,
+            windows,
+            study.hook,
+            max_rows=study.stats_tokens,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
+    return cache, stats
 
 
 def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataFrame:
@@ -110,19 +143,14 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
     cfg.validate()
     out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
     model = cfg.load(model)
+    check_hook(model, cfg.study.hook)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     table, ranking_dir = _ranking(cfg, model, out, progress)
     seconds["ranking"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cache = collect_calibration(
-        model,
-        cfg.calibration_windows(model),
-        cfg.study.method,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
+    cache, stats = _calibrate(cfg, model, progress)
     seconds["calibration"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -134,11 +162,14 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
         cache,
         batch_size=cfg.batch_size,
         progress=progress,
+        stats=stats,
     )
     seconds["sweep"] = time.perf_counter() - t0
     save_table(results, out, "ablation")
     summarize(results).to_csv(out / "ablation_summary.csv", index=False)
-    title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer, {cfg.study.method}"
+    title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer"
+    if "weights" in cfg.study.modes:
+        title += f", {cfg.study.method}"
     plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
     write_run_config(
         out,
