@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 import torch
@@ -81,9 +81,11 @@ def check_hook(model, hook: str) -> None:
 
 @dataclass(frozen=True)
 class Intervention:
-    """One activation intervention: ``mode`` with its knobs (see the module docstring)."""
+    """One activation intervention: ``mode`` with its knobs, given by keyword (see the module
+    docstring)."""
 
     mode: str
+    _: KW_ONLY
     sign: str = "both"
     activation_sparsity: float = 0.0
     rule: str = "channel"
