@@ -376,7 +376,7 @@ class _Sweep:
                 self.model, selection, s.neuron_sparsity, self.cache, self.cfg.include_down
             )
             try:
-                return self._ppl()
+                return self.ppl()
             finally:
                 snapshot.restore()
         iv = Intervention(
@@ -390,9 +390,9 @@ class _Sweep:
         neurons = {layer: _scoped(s, chosen, d_mlp) for layer, chosen in selection.items()}
         hooks = intervention_hooks(self.model, neurons, iv, self.stats, hook=self.cfg.hook)
         with intervened(self.model, hooks):
-            return self._ppl(use_sdpa=False)  # the native sdpa path would bypass the hooks
+            return self.ppl(use_sdpa=False)  # the native sdpa path would bypass the hooks
 
-    def _ppl(self, use_sdpa: bool = True) -> float:
+    def ppl(self, use_sdpa: bool = True) -> float:
         return perplexity(
             self.model,
             self.eval_windows,
@@ -435,7 +435,7 @@ def run_ablation(
     )
     base = dict(top_percent=cfg.top_percent, hook=cfg.hook, neurons_per_layer=sweep.k)
     dense = Setting("dense", "dense", neuron_sparsity=0.0, activation_sparsity=0.0)
-    rows = [_row(dense, sweep._ppl(), cfg, base)]
+    rows = [_row(dense, sweep.ppl(), cfg, base)]
     for setting in tqdm(ablation_settings(cfg), desc="ablation", disable=not progress):
         rows.append(_row(setting, sweep.measure(setting), cfg, base))
     return pd.DataFrame(rows)
