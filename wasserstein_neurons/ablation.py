@@ -442,7 +442,7 @@ def run_ablation(
 
 
 def _row(s: Setting, ppl: float, cfg: AblationConfig, base: dict) -> dict:
-    weights = s.mode in ("weights", "dense")
+    weights = s.mode == "weights" or (s.mode == "dense" and "weights" in cfg.modes)
     return dict(
         strategy=s.strategy,
         seed=s.seed,
