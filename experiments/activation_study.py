@@ -13,6 +13,8 @@ Three ``ablate`` runs on one ranking (the first makes it; the others reuse it):
 
     python experiments/activation_study.py --out runs/activation_study \\
         --table experiments/results/activation_study.csv
+    python experiments/activation_study.py --hook hook_post --parts layer,uniform \\
+        --out runs/activation_study_post --table experiments/results/activation_study_hook_post.csv
 
 Writes the three run folders under ``--out`` and the joined table (one row per setting, with a
 ``part`` column) to ``--table``; prints perplexity per mode x strategy x sparsity with the dense
@@ -50,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default="wd-top,random,wd-bottom,variance")
     p.add_argument("--seeds", type=int, default=2, help="seeds of the random sets")
     p.add_argument("--activation-sparsities", type=_floats, default=[0.25, 0.5, 0.7, 0.9])
+    p.add_argument("--hook", default="hook_pre", help="hook_pre | hook_pre_linear | hook_post")
+    p.add_argument("--parts", default="neurons,layer,uniform", help="which runs, comma-separated")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -66,6 +70,7 @@ def _parts(args) -> dict[str, AblationConfig]:
         seeds=args.seeds,
         activation_sparsities=args.activation_sparsities,
         stats_tokens=args.stats_tokens,
+        hook=args.hook,
     )
     return {
         "neurons": AblationConfig(
@@ -94,9 +99,14 @@ def run_study(args, model=None) -> pd.DataFrame:
     """The three runs; returns their joined ``ablation.csv`` tables with a ``part`` column."""
     from wasserstein_neurons import load_model
 
+    parts = _parts(args)
+    chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if bad := [p for p in chosen if p not in parts]:
+        raise SystemExit(f"error: unknown part {', '.join(bad)}; valid: {', '.join(parts)}")
     model = model or load_model(args.model, device=args.device)
     ranking, tables = args.ranking, []
-    for part, study in _parts(args).items():
+    for part in chosen:
+        study = parts[part]
         cfg = AblateConfig(
             model=args.model,
             dataset=args.dataset,

@@ -180,6 +180,9 @@ def plot_ablation(results: pd.DataFrame, title: str = ""):
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
         _plain_log_ticks(ax)
+        low, high = ax.get_ylim()
+        if high > 20 * low:  # several decades: label the decades only
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.legend(fontsize=7)
     fig.suptitle(title or "Ablating neuron sets", fontsize=10)
     fig.tight_layout()
