@@ -49,8 +49,8 @@ def test_verdicts(study):
     lines = study.verdicts(_results())
     assert lines[0].startswith("zero: wd-top 50.000 vs worst control variance 40.000")
     assert "MORE sensitive" in lines[0]
-    assert "threshold @ 0.5" in lines[1] and "NOT more" in lines[1]
-    assert "threshold @ 0.9" in lines[2] and "MORE" in lines[2]
+    assert "threshold @ 0.5" in lines[1] and "MORE sensitive" in lines[1]
+    assert "threshold @ 0.9" in lines[2] and "NOT more sensitive" in lines[2]
     assert lines[3] == (
         "whole layer @ 0.5: all neurons 50.000, exempting WD neurons 30.000, "
         "exempting random sets 45.000"
