@@ -237,10 +237,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` → CUDA when available, else CPU; a clear error for absent CUDA."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps or auto"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
     return device
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was trained for (``max_position_embeddings``,
+    GPT-2's ``n_positions``), or ``None`` when the config does not say."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: LoadedModel, seqlen: int) -> None:
+    """``ValueError`` when windows of ``seqlen`` tokens are longer than the model's context:
+    learned position embeddings have no row for them, rotary ones were never trained there."""
+    limit = context_length(model.hf_model.config)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"--seqlen {seqlen} is longer than the context of {model.name} ({limit} tokens)"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
