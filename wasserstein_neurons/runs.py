@@ -41,6 +41,8 @@ from typing import Any
 
 import pandas as pd
 
+from .siblings import sibling_path, stale_siblings
+
 CONFIG_FILE = "config.json"
 _VERSIONED = (
     "wasserstein_neurons",
@@ -54,7 +56,7 @@ _VERSIONED = (
 )
 #: Settings that never change a run's numbers: a resume may change them freely.
 NON_DEFINING = frozenset({"out", "overwrite", "resume", "batch_size", "save"})
-_REPLACED = ".replaced-"
+_REPLACED = "replaced"
 
 
 class RunExistsError(FileExistsError):
@@ -238,7 +240,7 @@ class RunPlan:
         previous = None
         created = not self.path.exists()
         if self.action == "replace":
-            previous = self.path.with_name(f".{self.path.name}{_REPLACED}{os.getpid()}")
+            previous = sibling_path(self.path, _REPLACED)
             os.replace(self.path, previous)
             created = True
         self.path.mkdir(parents=True, exist_ok=True)
@@ -283,14 +285,9 @@ class RunFolder:
 
 
 def _restore_replaced(path: Path) -> None:
-    """Put back an old run that a killed ``--overwrite`` left in a hidden sibling (its process
-    is gone), unless the new run in ``path`` finished; then only the sibling is removed."""
-    if not path.parent.is_dir():
-        return
-    for sibling in path.parent.glob(f".{path.name}{_REPLACED}*"):
-        pid = sibling.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
+    """Put back an old run that a killed ``--overwrite`` left in a hidden sibling, unless the
+    new run in ``path`` finished (then only the sibling is removed)."""
+    for sibling in stale_siblings(path, _REPLACED):
         if folder_state(path).kind == "finished":
             shutil.rmtree(sibling, ignore_errors=True)
             continue
@@ -302,18 +299,6 @@ def _restore_replaced(path: Path) -> None:
             RunRestoredWarning,
             stacklevel=3,
         )
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plan_run(
