@@ -379,9 +379,16 @@ def _disentangle(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error: …`` line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wasserstein-neurons`` parser: one subcommand per workflow."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wasserstein-neurons",
         description="Neuron entanglement in LLMs: rank Wasserstein neurons, sparsify, expand.",
     )
@@ -423,7 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files, never shown
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad flag (already reported in one line)
+        return int(done.code or 0)
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 

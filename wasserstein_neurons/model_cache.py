@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ MANIFEST = "manifest.json"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 _SAMPLE = 1 << 20
 _BUILD, _BROKEN = "build", "broken"
+_LEGACY_AGE_S = 3600
 
 
 class CacheRebuiltWarning(UserWarning):
@@ -143,8 +145,7 @@ def embedded_model_dir(name: str) -> Path:
     from .models import EMBEDDED_MODELS
 
     target = cache_dir() / name
-    for stale in [*stale_siblings(target, _BUILD), *stale_siblings(target, _BROKEN)]:
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_builds(target)
     problem = cache_problem(target)
     if problem is None:
         return target
@@ -159,6 +160,17 @@ def embedded_model_dir(name: str) -> Path:
         os.replace(target, broken / name)
         shutil.rmtree(broken, ignore_errors=True)
     return _build(name, target, *EMBEDDED_MODELS[name])
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Delete half-written builds and moved-aside damaged caches whose process is gone, and
+    the temporary ``.<name>-*`` folders of older versions (no owner recorded) an hour on."""
+    for stale in [*stale_siblings(target, _BUILD), *stale_siblings(target, _BROKEN)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.parent.is_dir():
+        for legacy in target.parent.glob(f".{target.name}-*"):
+            if legacy.is_dir() and time.time() - legacy.stat().st_mtime > _LEGACY_AGE_S:
+                shutil.rmtree(legacy, ignore_errors=True)
 
 
 def _build(name: str, target: Path, module: str, gguf_file: str, requirement: str) -> Path:
