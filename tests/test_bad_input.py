@@ -140,6 +140,11 @@ CASES = [
         lambda w, r: _args(w, "rank", r("new"), "--tokenz", "5"),
         "unrecognized arguments",
     ),
+    (
+        "resume without grid",
+        lambda w, r: _args(w, "expand", r("grid"), "--resume"),
+        "pass it with --grid",
+    ),
     # runs that exist
     ("finished run kept", lambda w, r: _args(w, "rank", r("rank")), "already holds a finished"),
     (

@@ -174,6 +174,8 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
             raise ValueError(f"--experts must be a positive integer, got {self.experts}")
         self.expansion_config(self.experts, self.sparsity, self.prunen, self.prunem)
         self.validate_calibration()
+        if self.resume and not grid:
+            raise ValueError("--resume continues an interrupted grid: pass it with --grid")
         if grid:
             if not self.grid_sparsities or not self.grid_experts:
                 raise ValueError("the grid needs at least one sparsity and one expert count")
