@@ -104,13 +104,19 @@ def test_ctrl_c_is_one_line_and_marks_the_run(tiny_dir, corpus, tmp_path):
     assert folder_state(out).kind == "unfinished"
 
 
-def test_killed_overwrite_puts_the_old_run_back(tiny_dir, corpus, tmp_path, capsys):
+def _overwrite_under_way(tiny_dir, corpus, tmp_path):
+    """A finished rank run, and a ``--overwrite`` of it that has started capturing."""
     out = tmp_path / "rank"
     rank = ["rank", *_base(tiny_dir, corpus), "--tokens", "512", "--out", str(out)]
     assert main(rank) == 0
     old = _files(out)
     proc = _start([*rank, "--tokens", "8192", "--overwrite"])
     _wait_for(lambda: (out / "activations").is_dir() and not (out / "neurons.csv").exists(), proc)
+    return out, rank, old, proc
+
+
+def test_killed_overwrite_puts_the_old_run_back(tiny_dir, corpus, tmp_path, capsys):
+    out, rank, old, proc = _overwrite_under_way(tiny_dir, corpus, tmp_path)
     proc.kill()
     proc.wait()
     assert folder_state(out).kind == "unfinished"  # the new run, killed
@@ -122,12 +128,7 @@ def test_killed_overwrite_puts_the_old_run_back(tiny_dir, corpus, tmp_path, caps
 
 
 def test_ctrl_c_during_overwrite_keeps_the_old_run(tiny_dir, corpus, tmp_path):
-    out = tmp_path / "rank"
-    rank = ["rank", *_base(tiny_dir, corpus), "--tokens", "512", "--out", str(out)]
-    assert main(rank) == 0
-    old = _files(out)
-    proc = _start([*rank, "--tokens", "8192", "--overwrite"])
-    _wait_for(lambda: (out / "activations").is_dir() and not (out / "neurons.csv").exists(), proc)
+    out, _, old, proc = _overwrite_under_way(tiny_dir, corpus, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "still holds its finished run" in err, err
