@@ -12,9 +12,11 @@ r"""What a neuron page shows, computed from one neuron's column of the activatio
   (:class:`ActivationRecord`: up to ``before`` tokens before it and ``after`` after it, never
   crossing the window boundary), every context token carrying the neuron's stored output;
 * ``k`` kept tokens drawn uniformly at random (the record's ``random_sample``);
-* quantile-binned examples: the kept tokens split by rank at :data:`QUANTILE_LEVELS` and
-  ``per_quantile`` tokens drawn at random (seeded per neuron) from every bin, so a page shows
-  what the bulk of the distribution does and not only its tails.
+* quantile-binned examples: the kept tokens sorted by output and cut at the ranks
+  ``round(q · n)`` of :data:`QUANTILE_LEVELS` ``q``, ``per_quantile`` tokens drawn at random
+  (seeded per neuron) from every bin, so a page shows what the bulk of the distribution does
+  and not only its tails; ``quantile_boundaries`` are the outputs at the cut ranks (the last:
+  the maximum), so every bin's outputs lie between its two boundaries.
 
 Nothing here loads a model: token strings come from a tokenizer (:class:`TokenDecoder`).
 """
@@ -193,9 +195,12 @@ def neuron_data(
     kk = min(k, n)
     layer, neuron = int(stats["layer"]), int(stats["neuron"])
     rng = np.random.default_rng([seed, max(layer, 0), neuron])
+    # bin b holds the tokens of ranks cut[b] .. cut[b + 1] - 1 (at least one token each)
+    cut = np.minimum(np.round(np.asarray(QUANTILE_LEVELS) * n).astype(np.int64), n)
+    cut[:-1] = np.minimum(cut[:-1], n - 1)
     by_quantile = []
-    for lo, hi in zip(QUANTILE_LEVELS[:-1], QUANTILE_LEVELS[1:], strict=True):
-        members = order[int(round(lo * n)) : max(int(round(hi * n)), int(round(lo * n)) + 1)]
+    for b in range(len(QUANTILE_LEVELS) - 1):
+        members = order[cut[b] : max(cut[b + 1], cut[b] + 1)]
         picks = rng.choice(members, size=min(per_quantile, len(members)), replace=False)
         by_quantile.append([record(int(kept[i])) for i in np.sort(picks)])
     random = np.sort(rng.choice(n, size=kk, replace=False))
@@ -215,7 +220,7 @@ def neuron_data(
         top=[record(int(kept[i])) for i in order[::-1][:kk]],
         bottom=[record(int(kept[i])) for i in order[:kk]],
         quantile_levels=QUANTILE_LEVELS,
-        quantile_boundaries=[float(v) for v in np.quantile(y, QUANTILE_LEVELS)],
+        quantile_boundaries=[float(y[order[min(c, n - 1)]]) for c in cut],
         by_quantile=by_quantile,
         random=[record(int(kept[i])) for i in random],
     )

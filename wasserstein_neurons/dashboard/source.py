@@ -131,13 +131,14 @@ class RankRun:
 
     def neuron(self, hook: str, neuron: int, column=None, **kwargs) -> NeuronData:
         """The page data of one neuron (``column``: its stored outputs, if already read)."""
+        stats = self.stats(hook, neuron)  # validates the neuron index
         if column is None:
             column = np.asarray(self.store.array(hook)[:, int(neuron)])
         return neuron_data(
             column,
             self.tokens,
             self.store.seqlen,
-            self.stats(hook, neuron),
+            stats,
             self.decode,
             rows=self.selection.rows,
             **kwargs,
