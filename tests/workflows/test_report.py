@@ -169,6 +169,39 @@ def test_refuses_an_existing_site_and_overwrites_stale_pages(site, tmp_path):
     assert not (copy / "neurons" / "0_5.html").exists()  # --neurons not asked this time
 
 
+def test_never_overwrites_the_rank_run_it_reads(report_runs):
+    rank = report_runs["rank"]
+    before = (rank / "config.json").read_text()
+    cfg = ReportConfig(run=str(rank), out=str(rank), overwrite=True)
+    with pytest.raises(RunExistsError, match="holds a 'rank' run"):
+        build_report(cfg, progress=False)
+    assert (rank / "config.json").read_text() == before
+    assert not (rank / "index.html").exists()
+
+
+def test_pages_of_two_hooks_per_layer(tiny_dir, corpus, tmp_path):
+    run = run_rank(
+        RankConfig(
+            out=str(tmp_path / "rank"),
+            model=str(tiny_dir),
+            dataset=str(corpus),
+            tokens=256,
+            seqlen=32,
+            hooks="hook_pre,hook_pre_linear",
+        ),
+        progress=False,
+    )
+    out = build_report(ReportConfig(run=str(run.out), out=str(tmp_path / "site")), progress=False)
+    names = {p.stem for p in (out.out / "neurons").glob("*.html")}
+    top = run.top
+    want = {f"{r.layer}_{r.hook.rsplit('.', 1)[1]}_{r.neuron}" for r in top.itertuples()}
+    assert names == want and len(want) == 4 * 4  # 3% of 128 = 4 per hook, 2 hooks x 2 layers
+    index = (out.out / "index.html").read_text()
+    pages = json.loads(re.search(r'id="pages">(.*?)</script>', index).group(1))
+    pre = top[top["hook"] == "blocks.0.mlp.hook_pre"].iloc[0]
+    assert pages[f"0_{pre.neuron}"] == f"neurons/0_hook_pre_{pre.neuron}.html"
+
+
 def test_missing_activation_store_is_a_clear_error(tiny_dir, corpus, tmp_path, capsys):
     run = run_rank(
         RankConfig(

@@ -128,14 +128,24 @@ class ReportResult:
 
 
 def _prepare_site(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty folder unless ``overwrite``; then clear an old site's pages."""
+    """Refuse a non-empty folder unless ``overwrite`` and any other command's run folder (even
+    with ``overwrite``: ``--out`` pointing at the rank run must not unfinish it); then clear an
+    old site's pages and write the static files."""
     out = Path(out)
+    command = None
+    if (out / CONFIG_FILE).is_file():
+        try:
+            command = read_run_config(out).get("command")
+        except json.JSONDecodeError:
+            command = "unknown"
+    if command not in (None, "report"):  # never overwrite the runs a report reads
+        raise RunExistsError(f"{out} holds a {command!r} run; choose another --out for the site")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise RunExistsError(
                 f"{out} exists and is not empty; choose another --out or pass --overwrite"
             )
-        if (out / CONFIG_FILE).is_file() and read_run_config(out).get("command") == "report":
+        if command == "report":
             shutil.rmtree(out / "neurons", ignore_errors=True)
     out = prepare_run_dir(out, overwrite=True)
     (out / "neurons").mkdir(exist_ok=True)
