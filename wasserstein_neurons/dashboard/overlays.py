@@ -99,7 +99,7 @@ class DisentangleRun:
                 "W1(sparse, dense)": row.get("w1_sparse_dense_sparsegpt"),
             }
         ]
-        for k in self.ks:
+        for k in (k for k in self.ks if k > 1):  # SE with one expert is SparseGPT
             rows.append(
                 {
                     "model": f"SE k = {k}",
@@ -136,8 +136,8 @@ class DisentangleRun:
         )
 
     def _w1_chart(self, rows: list[dict]) -> str:
-        ks = [1] + self.ks
-        w1 = [rows[0]["W1(sparse, dense)"]] + [r["W1(sparse, dense)"] for r in rows[1:]]
+        ks = [1] + [k for k in self.ks if k > 1]
+        w1 = [r["W1(sparse, dense)"] for r in rows]
         chart = Chart(
             xlim=data_range(ks),
             ylim=(0.0, data_range(w1)[1]),
