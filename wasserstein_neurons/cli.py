@@ -8,6 +8,7 @@ results untouched.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,8 +21,7 @@ from .pruning import METHODS
 # Errors we expect from bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
-    FileExistsError,
-    FileNotFoundError,
+    OSError,  # FileExistsError, FileNotFoundError, PermissionError, a full disk ...
     KeyError,
     ImportError,
     ModelLoadError,
@@ -149,13 +149,30 @@ def _rank(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
+def _numbers(text: str, kind: type, what: str) -> list:
+    """``"1,2, 4"`` -> ``[1, 2, 4]`` as ``kind``; at least one entry."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    return _numbers(text, float, "numbers")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(_numbers(text, int, "integers"))
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities, got {text!r}")
+    return values
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -308,20 +325,15 @@ def _add_expand(sub) -> None:
         action="store_true",
         help="run the grid: sparsities x experts next to magnitude and Wanda",
     )
-    p.add_argument("--grid-sparsities", default=None, help="e.g. 0.5,0.7,0.9,2:4")
-    p.add_argument("--grid-experts", default=None, help="e.g. 1,2,4,8,16")
+    p.add_argument("--grid-sparsities", type=_patterns, default=None, help="e.g. 0.5,0.9,2:4")
+    p.add_argument("--grid-experts", type=_ints, default=None, help="e.g. 1,2,4,8,16")
     p.add_argument("--resume", action="store_true", help="--grid: keep finished cells")
 
 
 def _expand(args: argparse.Namespace) -> int:
     from .workflows import ExpandConfig, run_expand, run_grid
 
-    extra = {}
-    if args.grid_sparsities:
-        extra["grid_sparsities"] = tuple(s.strip() for s in args.grid_sparsities.split(","))
-    if args.grid_experts:
-        extra["grid_experts"] = tuple(int(k) for k in args.grid_experts.split(","))
-    cfg = _config(ExpandConfig, args, **extra)
+    cfg = _config(ExpandConfig, args)
     run = run_grid if args.grid else run_expand
     results = run(cfg, progress=not args.no_progress)
     cols = [
@@ -403,9 +415,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error: …`` line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wasserstein-neurons`` parser: one subcommand per workflow."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wasserstein-neurons",
         description="Neuron entanglement in LLMs: rank Wasserstein neurons, sparsify, expand.",
     )
@@ -416,11 +435,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_message(err: BaseException) -> str:
+    """One line for an expected error: an OS error as ``reason: path``, a ``KeyError``
+    without quotes, anything else as its message."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+        return f"{reason}: {err.filename}" if err.filename else str(reason)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command left in its ``--out`` (for the one line printed)."""
+    from .runs import RunFolderError, folder_state
+
+    out = getattr(args, "out", None)
+    try:
+        kind = folder_state(out).kind if out else "absent"
+    except RunFolderError:
+        kind = "absent"
+    if kind == "finished":
+        return f"interrupted; {out} still holds its finished run"
+    if kind == "unfinished":
+        how = "--resume to continue it, or " if getattr(args, "grid", False) else ""
+        return f"interrupted; {out} is marked unfinished: rerun with {how}--overwrite"
+    return "interrupted before anything was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files, never shown
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad flag (already reported in one line)
+        return int(done.code or 0)
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
@@ -429,9 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: {_interrupted(args)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from wasserstein_neurons import plotting
 from wasserstein_neurons.capture import ActivationStore
 from wasserstein_neurons.cli import main
 from wasserstein_neurons.dashboard import SCHEMA
-from wasserstein_neurons.runs import RunExistsError
+from wasserstein_neurons.runs import RunExistsError, RunFolderError
 from wasserstein_neurons.workflows import ExpandConfig, RankConfig, run_expand, run_rank
 from wasserstein_neurons.workflows.report import ReportConfig, build_report, parse_neurons
 
@@ -173,7 +173,7 @@ def test_never_overwrites_the_rank_run_it_reads(report_runs):
     rank = report_runs["rank"]
     before = (rank / "config.json").read_text()
     cfg = ReportConfig(run=str(rank), out=str(rank), overwrite=True)
-    with pytest.raises(RunExistsError, match="holds a 'rank' run"):
+    with pytest.raises(RunFolderError, match="holds a 'rank' run"):
         build_report(cfg, progress=False)
     assert (rank / "config.json").read_text() == before
     assert not (rank / "index.html").exists()

@@ -30,7 +30,7 @@ def resolve_tokenizer(model_name: str | None, tokenizer=None):
         return tokenizer
     from transformers import AutoTokenizer
 
-    from ..models import EMBEDDED_MODELS, cache_dir
+    from ..model_cache import EMBEDDED_MODELS, cache_dir
 
     source = str(tokenizer) if tokenizer is not None else model_name
     try:

@@ -19,13 +19,14 @@ import pandas as pd
 
 from .. import plotting
 from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
-from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
+from ..runs import read_run_config, save_table
 from .common import (
     CalibrationSettings,
     EvalSettings,
     PositionSettings,
     config_from,
     eval_windows_for,
+    plan_for,
 )
 from .rank import RankConfig, run_rank
 
@@ -85,11 +86,13 @@ def load_ranking(folder: str | Path, model_name: str, settings=None) -> pd.DataF
     return pd.read_csv(Path(folder) / "neurons.csv")
 
 
-def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.DataFrame, str]:
-    """The neuron table to select from: ``cfg.ranking``'s, or a new ``rank`` run in
-    ``out/ranking`` with the same model, corpus, seqlen and seed."""
-    if cfg.ranking:
-        return load_ranking(cfg.ranking, model.name, cfg), cfg.ranking
+def _ranking(
+    cfg: AblateConfig, model, out: Path, progress: bool, reused
+) -> tuple[pd.DataFrame, str]:
+    """The neuron table to select from: ``reused`` (``cfg.ranking``'s, already loaded), or a
+    new ``rank`` run in ``out/ranking`` with the same model, corpus, seqlen and seed."""
+    if reused is not None:
+        return reused, cfg.ranking
     ranking_dir = str(out / "ranking")
     rank_cfg = config_from(
         RankConfig,
@@ -108,46 +111,48 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
     Returns the ``ablation.csv`` table (first row: the dense model).
     """
     cfg.validate()
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    plan = plan_for(cfg, "ablate")
     model = cfg.load(model)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    table, ranking_dir = _ranking(cfg, model, out, progress)
-    seconds["ranking"] = time.perf_counter() - t0
+    reused = load_ranking(cfg.ranking, model.name, cfg) if cfg.ranking else None
+    cal_windows = cfg.calibration_windows(model)
+    eval_windows = eval_windows_for(model, cfg)
+    with plan.start() as run:
+        out = run.path
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        table, ranking_dir = _ranking(cfg, model, out, progress, reused)
+        seconds["ranking"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    cache = collect_calibration(
-        model,
-        cfg.calibration_windows(model),
-        cfg.study.method,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
-    seconds["calibration"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache = collect_calibration(
+            model, cal_windows, cfg.study.method, batch_size=cfg.batch_size, progress=progress
+        )
+        seconds["calibration"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    results = run_ablation(
-        model,
-        table,
-        cfg.study,
-        eval_windows_for(model, cfg),
-        cache,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
-    seconds["sweep"] = time.perf_counter() - t0
-    save_table(results, out, "ablation")
-    summarize(results).to_csv(out / "ablation_summary.csv", index=False)
-    title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer, {cfg.study.method}"
-    plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
-    write_run_config(
-        out,
-        {
-            "command": "ablate",
-            "config": asdict(cfg),
-            "model": model.name,
-            "ranking": ranking_dir,
-            "seconds": seconds,
-        },
-    )
+        t0 = time.perf_counter()
+        results = run_ablation(
+            model,
+            table,
+            cfg.study,
+            eval_windows,
+            cache,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
+        seconds["sweep"] = time.perf_counter() - t0
+        save_table(results, out, "ablation")
+        summarize(results).to_csv(out / "ablation_summary.csv", index=False)
+        title = (
+            f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer, {cfg.study.method}"
+        )
+        plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
+        run.finish(
+            {
+                "command": "ablate",
+                "config": asdict(cfg),
+                "model": model.name,
+                "ranking": ranking_dir,
+                "seconds": seconds,
+            }
+        )
     return results

@@ -27,7 +27,6 @@ With several hooks per layer (``hook_pre,hook_pre_linear``) page names are
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from ..dashboard import DisentangleRun, ExpandRun, RankRun, neuron_page, neuron_
 from ..dashboard.index import index_page
 from ..dashboard.pages import static_text
 from ..dashboard.records import SCHEMA
-from ..runs import CONFIG_FILE, RunExistsError, prepare_run_dir, read_run_config, write_run_config
+from ..runs import RunFolderError, RunPlan, check_out_path, folder_state, plan_run
 
 __all__ = ["ReportConfig", "ReportResult", "build_report", "parse_neurons"]
 
@@ -127,33 +126,26 @@ class ReportResult:
     bytes: int
 
 
-def _prepare_site(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty folder unless ``overwrite`` and any other command's run folder (even
-    with ``overwrite``: ``--out`` pointing at the rank run must not unfinish it); then clear an
-    old site's pages and write the static files."""
-    out = Path(out)
-    command = None
-    if (out / CONFIG_FILE).is_file():
-        try:
-            command = read_run_config(out).get("command")
-        except json.JSONDecodeError:
-            command = "unknown"
-    if command not in (None, "report"):  # never overwrite the runs a report reads
-        raise RunExistsError(f"{out} holds a {command!r} run; choose another --out for the site")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise RunExistsError(
-                f"{out} exists and is not empty; choose another --out or pass --overwrite"
-            )
-        if command == "report":
-            shutil.rmtree(out / "neurons", ignore_errors=True)
-    out = prepare_run_dir(out, overwrite=True)
+def _plan_site(cfg: ReportConfig) -> RunPlan:
+    """What the report may do with ``cfg.out`` (:func:`~wasserstein_neurons.runs.plan_run`:
+    a run folder is refused unless ``overwrite``, a folder of other files always), decided
+    before anything is written. A run folder of another command is refused even with
+    ``overwrite``: ``--out`` pointing at the rank run must not replace the run it reads."""
+    state = folder_state(check_out_path(cfg.out))
+    if state.command not in (None, "report"):
+        raise RunFolderError(
+            f"{state.path} holds a {state.command!r} run; choose another --out for the site"
+        )
+    return plan_run(cfg.out, "report", asdict(cfg), overwrite=cfg.overwrite)
+
+
+def _write_static(out: Path) -> None:
+    """The stylesheet, the index page's script and the records' JSON Schema."""
     (out / "neurons").mkdir(exist_ok=True)
     (out / "static").mkdir(exist_ok=True)
     for name in ("report.css", "report.js"):
         (out / "static" / name).write_text(static_text(name), encoding="utf-8")
     (out / "neuron_record.schema.json").write_text(json.dumps(SCHEMA, indent=2))
-    return out
 
 
 def _page_list(run: RankRun, cfg: ReportConfig, dis: DisentangleRun | None):
@@ -225,9 +217,12 @@ def build_report(cfg: ReportConfig, tokenizer=None, progress: bool = True) -> Re
     """Write the static neuron dashboard of ``cfg.run`` to ``cfg.out`` (see the module docstring).
 
     ``tokenizer`` (an object) overrides ``cfg.tokenizer``. Raises ``FileNotFoundError`` for a
-    missing run or activation store, ``ValueError`` for bad settings or run folders, and
-    :class:`~wasserstein_neurons.runs.RunExistsError` for a non-empty ``out`` without
-    ``overwrite`` — all before anything is written.
+    missing run or activation store, ``ValueError`` for bad settings or run folders
+    (:class:`~wasserstein_neurons.runs.RunFolderError` for an ``out`` holding other files or
+    another command's run), and :class:`~wasserstein_neurons.runs.RunExistsError` for an
+    ``out`` holding a site without ``overwrite`` — all before anything is written. With
+    ``overwrite`` the old site is moved aside and deleted only once the new one is finished
+    (put back if building fails).
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -235,9 +230,30 @@ def build_report(cfg: ReportConfig, tokenizer=None, progress: bool = True) -> Re
     expand = ExpandRun(cfg.expand) if cfg.expand else None
     dis = DisentangleRun(cfg.disentangle) if cfg.disentangle else None
     pages, extra = _page_list(run, cfg, dis)
-    ids = _page_ids(run, pages)
+    src = _Sources(run, expand, dis, pages, _page_ids(run, pages), extra)
     run.decode  # noqa: B018 - load the tokenizer (and fail) before the site folder is made
-    out = _prepare_site(cfg.out, cfg.overwrite)
+    plan = _plan_site(cfg)
+    with plan.start() as folder:
+        return _build_site(cfg, src, folder, t0, progress)
+
+
+@dataclass
+class _Sources:
+    """What the site is made of: the runs, the pages per hook, their ids, the extra pages."""
+
+    run: RankRun
+    expand: ExpandRun | None
+    dis: DisentangleRun | None
+    pages: dict[str, list[int]]
+    ids: dict[tuple[str, int], str]
+    extra: list[tuple[str, int]]
+
+
+def _build_site(cfg: ReportConfig, src: _Sources, folder, t0: float, progress) -> ReportResult:
+    """Write the pages, the index and (last) the finished ``config.json`` into ``folder``."""
+    run, expand, dis, ids = src.run, src.expand, src.dis, src.ids
+    out = folder.path
+    _write_static(out)
     overlays = {}
     if dis is not None:
         overlays["disentangle"] = dis.section
@@ -245,7 +261,7 @@ def build_report(cfg: ReportConfig, tokenizer=None, progress: bool = True) -> Re
         overlays["expand"] = lambda hook, neuron: expand.section(hook_layer(hook))
     seconds = {"open": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    _write_pages(run, pages, ids, cfg, overlays, out, progress)
+    _write_pages(run, src.pages, ids, cfg, overlays, out, progress)
     seconds["pages"] = time.perf_counter() - t0
     links = {key: f"neurons/{pid}.html" for key, pid in ids.items()}
     search: dict[str, str] = {}
@@ -254,7 +270,7 @@ def build_report(cfg: ReportConfig, tokenizer=None, progress: bool = True) -> Re
     sections = [expand.index_section()] if expand is not None else []
     if dis is not None:
         sections.append(dis.index_section(links))
-    html = index_page(run.config, run.table, links, search, extra=extra, sections=sections)
+    html = index_page(run.config, run.table, links, search, extra=src.extra, sections=sections)
     (out / "index.html").write_text(html, encoding="utf-8")
     n_pages = len(links)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
@@ -267,5 +283,5 @@ def build_report(cfg: ReportConfig, tokenizer=None, progress: bool = True) -> Re
         "rank_run": _run_summary(run),
         "seconds": seconds,
     }
-    write_run_config(out, record)
+    folder.finish(record)
     return ReportResult(out=out, pages=n_pages, seconds=seconds, bytes=size)
