@@ -98,3 +98,13 @@ def test_nice_ticks_and_decoder_cache():
 
     dec = TokenDecoder(Tok())
     assert dec([1, 2, 1, 1]) == ["<1>", "<2>", "<1>", "<1>"] and Tok.calls == 2
+
+
+def test_a_constant_neuron_still_gets_a_page():
+    data = _data(np.full(SEQLEN * 4, 0.25, dtype=np.float32))
+    assert data.std == 0 and data.counts.sum() == data.n
+    data.stats.update(wd=float("nan"), skew=float("nan"), kurtosis=float("nan"))
+    record = neuron_record(data)
+    jsonschema.validate(record, SCHEMA)
+    assert record["wasserstein_neurons"]["wd"] is None and record["skewness"] is None
+    assert "style=--a:0.00" in neuron_view(data)

@@ -17,6 +17,7 @@ Both read only the run folders (no model):
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -30,6 +31,11 @@ from .svg import PALETTE, Chart, data_range, group_colors
 
 _K_COLUMN = re.compile(r"^ri_k(\d+)$")
 _BINS = 60
+
+
+def _label(path: Path) -> str:
+    """The run folder's path, escaped for HTML."""
+    return html.escape(str(path))
 
 
 def _check_command(path: Path, expected: str) -> dict:
@@ -47,6 +53,7 @@ class DisentangleRun:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.label = _label(self.path)
         self.config = _check_command(self.path, "disentangle")
         summary = self.config.get("summary", {})
         self.hook = str(summary.get("hook", ""))
@@ -85,7 +92,7 @@ class DisentangleRun:
         )
         return (
             f'<section class="overlay disentangle"><h2>Disentanglement of layer {self.layer}'
-            f'</h2><p class="note">{self.path} ({self.hook}); neurons with output overlays: '
+            f'</h2><p class="note">{self.label} ({self.hook}); neurons with output overlays: '
             f"{pages or 'none'}</p>{table}</section>"
         )
 
@@ -130,7 +137,7 @@ class DisentangleRun:
         return (
             f'<section class="overlay disentangle"><h2>Sparse Expansion (disentangle run, '
             f"sparsity {fmt(sparsity)})</h2>"
-            f'<p class="note">{self.path}: held-out tokens of layer {self.layer}; RI = relative '
+            f'<p class="note">{self.label}: held-out tokens of layer {self.layer}; RI = relative '
             "improvement of SE's reconstruction error over SparseGPT's.</p>"
             f'{grid_table(rows, cols)}<div class="charts">{"".join(charts)}</div></section>'
         )
@@ -203,6 +210,7 @@ class ExpandRun:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.label = _label(self.path)
         self.config = _check_command(self.path, "expand")
         self.results = pd.read_csv(self.path / "results.csv", dtype={"pattern": str})
         layers = self.path / "layers.csv"
@@ -214,7 +222,7 @@ class ExpandRun:
         cols = [c for c in cols if c in self.results.columns]
         return (
             '<section class="overlay expand"><h2>Sparse Expansion run</h2>'
-            f'<p class="note">{self.path}</p>'
+            f'<p class="note">{self.label}</p>'
             f"{grid_table(self.results.to_dict(orient='records'), cols)}</section>"
         )
 
@@ -238,7 +246,7 @@ class ExpandRun:
         cols = [c for c in cols if c in rows.columns]
         return (
             f'<section class="overlay expand"><h2>Sparse Expansion of layer {layer} (expand run)'
-            f'</h2><p class="note">Per linear of this layer ({self.path}); the expand run keeps no '
-            "per-neuron outputs: a <code>disentangle --layer</code> run adds this neuron's "
+            f'</h2><p class="note">Per linear of this layer ({self.label}); the expand run keeps '
+            "no per-neuron outputs: a <code>disentangle --layer</code> run adds this neuron's "
             f"distributions.</p>{grid_table(rows.to_dict(orient='records'), cols)}</section>"
         )
