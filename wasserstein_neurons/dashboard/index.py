@@ -81,7 +81,8 @@ def wd_profile_svg(table: pd.DataFrame) -> str:
     return chart.svg(css_class="chart wd-profile", label="WD per layer")
 
 
-def _cell(value, key: str) -> str:
+def _cell(value) -> str:
+    """A table cell whose `data-v` holds the value the script sorts by."""
     if isinstance(value, bool | np.bool_):
         data = int(bool(value))
     elif isinstance(value, float | np.floating) and not np.isfinite(value):
@@ -103,7 +104,7 @@ def neuron_table(top: pd.DataFrame, links: dict[tuple[str, int], str]) -> str:
             if key == "neuron" and href:
                 cells.append(f'<td data-v="{int(value)}"><a href="{href}">{int(value)}</a></td>')
             else:
-                cells.append(_cell(value, key))
+                cells.append(_cell(value))
         rows.append(
             f'<tr data-layer="{int(rec["layer"])}" data-wd="{rec["wd"]:.6g}">{"".join(cells)}</tr>'
         )
