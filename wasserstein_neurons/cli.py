@@ -379,6 +379,42 @@ def _disentangle(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="static HTML dashboard of a rank run's Wasserstein neurons")
+    p.add_argument("run", help="rank run folder (with its activations/ store)")
+    p.add_argument("--expand", default=None, help="an expand run folder to show with it")
+    p.add_argument("--disentangle", default=None, help="a disentangle run folder to show with it")
+    p.add_argument(
+        "--neurons", default="", help="extra pages, layer:neuron comma-separated (5:123,29:1397)"
+    )
+    p.add_argument("--top-k", type=int, default=8, help="contexts per tail")
+    p.add_argument("--per-quantile", type=int, default=2, help="contexts per quantile bin")
+    p.add_argument("--context-before", type=int, default=12, help="tokens before the token")
+    p.add_argument("--context-after", type=int, default=4, help="tokens after the token")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the run's model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/site", help="site folder (default runs/site)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .workflows.report import ReportConfig, build_report
+
+    result = build_report(_config(ReportConfig, args), progress=not args.no_progress)
+    print(
+        f"{result.pages} neuron pages, {result.bytes / 1e6:.1f} MB, "
+        f"{result.seconds['total']:.1f} s; open {result.out / 'index.html'}"
+    )
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one ``error: …`` line (no usage block), exit 2."""
 
@@ -395,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_rank, _add_eval_and_prune, _add_ablate, _add_expand, _add_disentangle):
         add(sub)
+    _add_report(sub)
     return parser
 
 
