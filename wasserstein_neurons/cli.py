@@ -328,6 +328,23 @@ def _add_expand(sub) -> None:
     p.add_argument("--grid-sparsities", type=_patterns, default=None, help="e.g. 0.5,0.9,2:4")
     p.add_argument("--grid-experts", type=_ints, default=None, help="e.g. 1,2,4,8,16")
     p.add_argument("--resume", action="store_true", help="--grid: keep finished cells")
+    _add_engine(p)
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        help="local (default: one cell after another here) or ray (Ray Tune trials; "
+        "needs the 'distributed' extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="--engine ray: host:port of a running Ray cluster (default: start one here)",
+    )
+    p.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs per Ray trial")
+    p.add_argument("--trial-gpus", type=float, default=0.0, help="GPUs per Ray trial")
 
 
 def _expand(args: argparse.Namespace) -> int:

@@ -54,8 +54,12 @@ _VERSIONED = (
     "pandas",
     "pot",
 )
-#: Settings that never change a run's numbers: a resume may change them freely.
-NON_DEFINING = frozenset({"out", "overwrite", "resume", "batch_size", "save"})
+#: Settings that never change a run's numbers (beyond float rounding): a resume may change
+#: them freely, and may finish under another engine what one engine started.
+NON_DEFINING = frozenset(
+    {"out", "overwrite", "resume", "batch_size", "save"}
+    | {"engine", "ray_address", "trial_cpus", "trial_gpus"}
+)
 _REPLACED = "replaced"
 
 

@@ -52,6 +52,7 @@ from ..expansion import (
 )
 from ..pruning import METHODS, PruneSpec, sequential_prune
 from ..runs import check_save_folder, save_table
+from ..trials import EngineSettings, run_trials
 from .common import (
     CalibrationSettings,
     EvalSettings,
@@ -81,6 +82,7 @@ EXPERT_GRID = (1, 2, 4, 8, 16)
 #: is the builder with one expert).
 BASELINES = tuple(m for m in METHODS if m != "sparsegpt")
 GRID_COMMAND = "expand --grid"
+DENSE_CELL = ("dense", 1, "dense")
 #: Settings a resumed grid may change: they only add (or leave out) cells.
 GRID_CELLS = ("grid_sparsities", "grid_experts", "baselines")
 
@@ -120,7 +122,7 @@ def parse_sparsity(value: str | float) -> tuple[float, int, int]:
 
 
 @dataclass
-class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
+class ExpandConfig(EngineSettings, SparsitySettings, CalibrationSettings, EvalSettings):
     """Settings of :func:`run_expand` (one setting) and :func:`run_grid`.
 
     Attributes
@@ -145,6 +147,9 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     resume : bool
         :func:`run_grid`: keep the rows already in ``out/results.csv`` and run only the
         missing cells.
+    engine, ray_address, trial_cpus, trial_gpus :
+        :func:`run_grid`: run the cells here one after another (``"local"``) or as Ray Tune
+        trials (``"ray"``, :mod:`wasserstein_neurons.trials`).
     """
 
     out: str = "runs/expand"
@@ -176,6 +181,9 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         self.validate_calibration()
         if self.resume and not grid:
             raise ValueError("--resume continues an interrupted grid: pass it with --grid")
+        if self.engine != "local" and not grid:
+            raise ValueError("--engine ray runs the cells of a grid: pass it with --grid")
+        self.validate_engine()
         if grid:
             if not self.grid_sparsities or not self.grid_experts:
                 raise ValueError("the grid needs at least one sparsity and one expert count")
@@ -409,29 +417,68 @@ def run_grid(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     """
     cfg.validate(grid=True)
     plan = plan_for(cfg, GRID_COMMAND, resume=cfg.resume, resumable=True, cells=GRID_CELLS)
-    models = _Models(cfg)
-    model = models.peek()
-    cal_w, eval_w = _windows(model, cfg)
+    order = {cell: i for i, cell in enumerate([DENSE_CELL, *_grid_cells(cfg)])}
+    if cfg.engine == "local":
+        models = _Models(cfg)
+        cal_w, eval_w = _windows(models.peek(), cfg)
     with plan.start() as run:
         rows, tables = _finished_cells(run.path) if plan.action == "resume" else ([], [])
-        done = {(r["method"], int(r["experts"]), str(r["pattern"])) for r in rows}
-        if ("dense", 1, "dense") not in done:
-            row = _row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)
-            row.update(_evaluate(model, eval_w, cfg, progress))
-            rows.insert(0, row)
-        del model  # the cells reuse / free it through `models`
-        for method, k, label in _grid_cells(cfg):
-            if (method, k, label) in done:
-                continue
-            row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
+        done = {_cell_key(r) for r in rows}
+        todo = [cell for cell in order if cell not in done]
+
+        def add(row: dict, layers: pd.DataFrame) -> None:
             rows.append(row)
+            rows.sort(key=lambda r: order.get(_cell_key(r), len(order)))
             tables.append(layers)
             _save_grid(run.path, _finish_table(rows, cfg), tables, cfg)
+
+        if cfg.engine == "local":
+            for cell in todo:
+                add(*_local_cell(models, cell, cal_w, eval_w, cfg, progress))
+        else:
+            trials = [{"config": asdict(cfg), "cell": list(cell)} for cell in todo]
+            run_trials(
+                f"{__name__}:grid_cell",
+                trials,
+                lambda _, res: add(res["row"], pd.DataFrame(res["layers"])),
+                cfg,
+                storage=run.path / ".ray",
+            )
         table = _finish_table(rows, cfg)
         _save_grid(run.path, table, tables, cfg)
         record = {"command": GRID_COMMAND, "config": asdict(cfg), "model": cfg.model}
         run.finish({**record, "results": table.to_dict(orient="records")})
     return table
+
+
+def _cell_key(row: dict) -> tuple[str, int, str]:
+    return row["method"], int(row["experts"]), str(row["pattern"])
+
+
+def _local_cell(models: _Models, cell, cal_w, eval_w, cfg: ExpandConfig, progress: bool):
+    """Row and layer table of one grid cell, built in this process (``DENSE_CELL``: the
+    dense model, evaluated)."""
+    method, k, label = cell
+    if cell == DENSE_CELL:
+        model = models.peek()
+        row = _row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)
+        row.update(_evaluate(model, eval_w, cfg, progress))
+        return row, pd.DataFrame()
+    row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
+    return row, layers
+
+
+def grid_cell(config: dict, cell: list) -> dict[str, Any]:
+    """One grid cell as a trial (:mod:`wasserstein_neurons.trials`): the run's ``config``
+    (``asdict(ExpandConfig)``) and the cell ``[method, experts, pattern]`` in, its
+    ``results.csv`` row and ``layers.csv`` rows out. Loads its own model and makes the same
+    seeded windows as the local engine."""
+    cfg = ExpandConfig(**config)
+    models = _Models(cfg)
+    cal_w, eval_w = _windows(models.peek(), cfg)
+    method, k, label = cell
+    row, layers = _local_cell(models, (method, int(k), label), cal_w, eval_w, cfg, False)
+    return {"row": row, "layers": layers.to_dict(orient="records")}
 
 
 def _grid_cells(cfg: ExpandConfig) -> list[tuple[str, int, str]]:
@@ -452,7 +499,7 @@ def _finished_cells(out: Path) -> tuple[list[dict[str, Any]], list[pd.DataFrame]
     if not results_path.is_file():
         return [], []
     rows = pd.read_csv(results_path, dtype={"pattern": str}).to_dict(orient="records")
-    done = {(r["method"], int(r["experts"]), str(r["pattern"])) for r in rows}
+    done = {_cell_key(r) for r in rows}
     if not layers_path.is_file():
         return rows, []
     old = pd.read_csv(layers_path, dtype={"pattern": str})
