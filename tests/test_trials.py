@@ -133,3 +133,24 @@ def test_missing_extra_names_it(tiny_dir, tmp_path, capsys, monkeypatch):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     line = capsys.readouterr().err.strip()
     assert "'distributed' extra" in line and "wasserstein_neurons[distributed]" in line
+
+
+def test_sweep_is_the_same_under_both_engines(ray_cluster, tiny_dir, corpus, tmp_path):
+    import json
+
+    from wasserstein_neurons.workflows.sweep import load_sweep, run_sweep
+
+    spec = {
+        "models": [str(tiny_dir)],
+        "settings": {"dataset": str(corpus), "seqlen": 32, "eval_tokens": 256, "nsamples": 4},
+        "runs": [{"workflow": "prune", "grid": {"method": ["magnitude", "wanda"]}}],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    local = run_sweep(load_sweep(path, out=str(tmp_path / "local")), progress=False)
+    on_ray = run_sweep(
+        load_sweep(path, out=str(tmp_path / "ray"), engine="ray", ray_address=ray_cluster),
+        progress=False,
+    )
+    assert list(local["trial"]) == list(on_ray["trial"]) and len(local) == 2
+    pd.testing.assert_series_equal(local["perplexity_after"], on_ray["perplexity_after"], rtol=1e-6)

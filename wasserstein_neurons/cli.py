@@ -331,11 +331,13 @@ def _add_expand(sub) -> None:
     _add_engine(p)
 
 
-def _add_engine(p: argparse.ArgumentParser) -> None:
+def _add_engine(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--engine --ray-address --trial-cpus --trial-gpus``; without ``defaults`` they are
+    ``None`` unless given (a sweep file's values then stand)."""
     p.add_argument(
         "--engine",
-        default="local",
-        help="local (default: one cell after another here) or ray (Ray Tune trials; "
+        default="local" if defaults else None,
+        help="local (default: one trial after another here) or ray (Ray Tune trials; "
         "needs the 'distributed' extra)",
     )
     p.add_argument(
@@ -343,8 +345,36 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
         default=None,
         help="--engine ray: host:port of a running Ray cluster (default: start one here)",
     )
-    p.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs per Ray trial")
-    p.add_argument("--trial-gpus", type=float, default=0.0, help="GPUs per Ray trial")
+    cpus, gpus = (1.0, 0.0) if defaults else (None, None)
+    p.add_argument("--trial-cpus", type=float, default=cpus, help="CPUs per Ray trial (1)")
+    p.add_argument("--trial-gpus", type=float, default=gpus, help="GPUs per Ray trial (0)")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="models x workflows x grids from a YAML / JSON file")
+    p.add_argument("file", help="the sweep file (see README: Sweeps)")
+    p.add_argument("--out", default=None, help="run folder (default: the file's, or runs/sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished sweep in --out")
+    p.add_argument("--resume", action="store_true", help="run only the trials not yet done")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_engine(p, defaults=False)
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .workflows.sweep import load_sweep, run_sweep
+
+    flags = ("out", "engine", "ray_address", "trial_cpus", "trial_gpus")
+    sweep = load_sweep(
+        args.file,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        **{name: getattr(args, name) for name in flags},
+    )
+    table = run_sweep(sweep, progress=not args.no_progress)
+    _print_table(table.head(40), fmt=".4g", width=160)
+    print(f"{len(table)} rows from {table['trial'].nunique()} trials; results in {sweep.out}")
+    return 0
 
 
 def _expand(args: argparse.Namespace) -> int:
@@ -446,7 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Neuron entanglement in LLMs: rank Wasserstein neurons, sparsify, expand.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_rank, _add_eval_and_prune, _add_ablate, _add_expand, _add_disentangle):
+    for add in (
+        _add_rank,
+        _add_eval_and_prune,
+        _add_ablate,
+        _add_expand,
+        _add_disentangle,
+        _add_sweep,
+    ):
         add(sub)
     _add_report(sub)
     return parser
