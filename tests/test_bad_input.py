@@ -145,6 +145,26 @@ CASES = [
         lambda w, r: _args(w, "expand", r("grid"), "--resume"),
         "pass it with --grid",
     ),
+    (
+        "unknown engine",
+        lambda w, r: _args(w, "expand", r("new"), *GRID, "--engine", "spark"),
+        "unknown engine 'spark'",
+    ),
+    (
+        "ray address without ray",
+        lambda w, r: _args(w, "expand", r("new"), *GRID, "--ray-address", "1.2.3.4:6379"),
+        "--ray-address needs --engine ray",
+    ),
+    (
+        "zero trial cpus",
+        lambda w, r: _args(w, "expand", r("new"), *GRID, "--trial-cpus", "0"),
+        "--trial-cpus must be > 0",
+    ),
+    (
+        "ray without grid",
+        lambda w, r: _args(w, "expand", r("new"), "--engine", "ray"),
+        "pass it with --grid",
+    ),
     # runs that exist
     ("finished run kept", lambda w, r: _args(w, "rank", r("rank")), "already holds a finished"),
     (
