@@ -512,7 +512,8 @@ def _interrupted(args: argparse.Namespace) -> str:
     if kind == "finished":
         return f"interrupted; {out} still holds its finished run"
     if kind == "unfinished":
-        how = "--resume to continue it, or " if getattr(args, "grid", False) else ""
+        resumable = getattr(args, "grid", False) or args.command == "sweep"
+        how = "--resume to continue it, or " if resumable else ""
         return f"interrupted; {out} is marked unfinished: rerun with {how}--overwrite"
     return "interrupted before anything was written"
 
