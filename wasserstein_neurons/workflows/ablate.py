@@ -28,13 +28,14 @@ import pandas as pd
 from .. import plotting
 from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
 from ..interventions import check_hook, collect_activation_stats
-from ..runs import prepare_run_dir, read_run_config, save_table, write_run_config
+from ..runs import read_run_config, save_table
 from .common import (
     CalibrationSettings,
     EvalSettings,
     PositionSettings,
     config_from,
     eval_windows_for,
+    plan_for,
 )
 from .rank import RankConfig, run_rank
 
@@ -94,11 +95,13 @@ def load_ranking(folder: str | Path, model_name: str, settings=None) -> pd.DataF
     return pd.read_csv(Path(folder) / "neurons.csv")
 
 
-def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.DataFrame, str]:
-    """The neuron table to select from: ``cfg.ranking``'s, or a new ``rank`` run in
-    ``out/ranking`` with the same model, corpus, seqlen and seed."""
-    if cfg.ranking:
-        return load_ranking(cfg.ranking, model.name, cfg), cfg.ranking
+def _ranking(
+    cfg: AblateConfig, model, out: Path, progress: bool, reused
+) -> tuple[pd.DataFrame, str]:
+    """The neuron table to select from: ``reused`` (``cfg.ranking``'s, already loaded), or a
+    new ``rank`` run in ``out/ranking`` with the same model, corpus, seqlen and seed."""
+    if reused is not None:
+        return reused, cfg.ranking
     ranking_dir = str(out / "ranking")
     rank_cfg = config_from(
         RankConfig,
@@ -112,11 +115,11 @@ def _ranking(cfg: AblateConfig, model, out: Path, progress: bool) -> tuple[pd.Da
     return run_rank(rank_cfg, model=model, progress=progress).table, ranking_dir
 
 
-def _calibrate(cfg: AblateConfig, model, progress: bool):
+def _calibrate(cfg: AblateConfig, model, windows, progress: bool):
     """The pruning statistics (mode ``weights``) and the activation statistics (``mean``,
-    ``resample``, ``threshold``) of the calibration windows; ``None`` for what no mode needs."""
+    ``resample``, ``threshold``) of the calibration ``windows``; ``None`` for what no mode
+    needs."""
     study = cfg.study
-    windows = cfg.calibration_windows(model)
     cache = stats = None
     if "weights" in study.modes:
         cache = collect_calibration(
@@ -141,44 +144,48 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
     Returns the ``ablation.csv`` table (first row: the dense model).
     """
     cfg.validate()
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    plan = plan_for(cfg, "ablate")
     model = cfg.load(model)
     check_hook(model, cfg.study.hook)
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    table, ranking_dir = _ranking(cfg, model, out, progress)
-    seconds["ranking"] = time.perf_counter() - t0
+    reused = load_ranking(cfg.ranking, model.name, cfg) if cfg.ranking else None
+    cal_windows = cfg.calibration_windows(model)
+    eval_windows = eval_windows_for(model, cfg)
+    with plan.start() as run:
+        out = run.path
+        seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        table, ranking_dir = _ranking(cfg, model, out, progress, reused)
+        seconds["ranking"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    cache, stats = _calibrate(cfg, model, progress)
-    seconds["calibration"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cache, stats = _calibrate(cfg, model, cal_windows, progress)
+        seconds["calibration"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    results = run_ablation(
-        model,
-        table,
-        cfg.study,
-        eval_windows_for(model, cfg),
-        cache,
-        batch_size=cfg.batch_size,
-        progress=progress,
-        stats=stats,
-    )
-    seconds["sweep"] = time.perf_counter() - t0
-    save_table(results, out, "ablation")
-    summarize(results).to_csv(out / "ablation_summary.csv", index=False)
-    title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer"
-    if "weights" in cfg.study.modes:
-        title += f", {cfg.study.method}"
-    plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
-    write_run_config(
-        out,
-        {
-            "command": "ablate",
-            "config": asdict(cfg),
-            "model": model.name,
-            "ranking": ranking_dir,
-            "seconds": seconds,
-        },
-    )
+        t0 = time.perf_counter()
+        results = run_ablation(
+            model,
+            table,
+            cfg.study,
+            eval_windows,
+            cache,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            stats=stats,
+        )
+        seconds["sweep"] = time.perf_counter() - t0
+        save_table(results, out, "ablation")
+        summarize(results).to_csv(out / "ablation_summary.csv", index=False)
+        title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer"
+        if "weights" in cfg.study.modes:
+            title += f", {cfg.study.method}"
+        plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
+        run.finish(
+            {
+                "command": "ablate",
+                "config": asdict(cfg),
+                "model": model.name,
+                "ranking": ranking_dir,
+                "seconds": seconds,
+            }
+        )
     return results

@@ -35,9 +35,17 @@ import numpy as np
 import torch
 
 from ..data import bos_token_id, calibration_windows, evaluation_windows, load_tokens, prepend_bos
-from ..models import DEFAULT_MODEL, LoadedModel, load_model
+from ..models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    check_context,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from ..positions import RowSelection, check_exclude_positions, select_rows, special_token_ids
 from ..pruning import PruneSpec
+from ..runs import RunPlan, plan_run
 
 __all__ = [
     "CalibrationSettings",
@@ -46,8 +54,22 @@ __all__ = [
     "ModelSettings",
     "PositionSettings",
     "SparsitySettings",
+    "check_seed",
     "eval_windows_for",
+    "plan_for",
 ]
+
+
+def check_seed(seed) -> None:
+    """Seeds are integers in ``[0, 2**32)`` (what numpy's generators accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed}")
+
+
+def plan_for(cfg, command: str, **kwargs) -> RunPlan:
+    """:func:`~wasserstein_neurons.runs.plan_run` for a workflow config (its ``out``,
+    ``overwrite`` and every setting, recorded as the run's ``config``)."""
+    return plan_run(cfg.out, command, dataclasses.asdict(cfg), overwrite=cfg.overwrite, **kwargs)
 
 
 @dataclass
@@ -62,10 +84,23 @@ class ModelSettings:
     dtype: str = "float32"
     bos: bool = False
 
+    def validate_model(self) -> None:
+        """``ValueError`` for a window length or batch size below 1, or a device or dtype
+        that does not exist (before anything is loaded)."""
+        for name in ("seqlen", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+        resolve_device(self.device)
+        resolve_dtype(self.dtype)
+
     def load(self, model: LoadedModel | None = None) -> LoadedModel:
         """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
-        settings' model, device and dtype."""
-        return model or load_model(self.model, device=self.device, dtype=self.dtype)
+        settings' model, device and dtype; either way ``seqlen`` must fit the model's
+        context (:func:`~wasserstein_neurons.models.check_context`)."""
+        model = model or load_model(self.model, device=self.device, dtype=self.dtype)
+        check_context(model, self.seqlen)
+        return model
 
     def with_bos(self, model, windows: torch.Tensor) -> torch.Tensor:
         """``windows`` ``[n, seqlen]``, with the tokenizer's BOS in front when ``bos`` (same
@@ -100,6 +135,7 @@ class EvalSettings(ModelSettings):
     eval_tokens: int = 32768
 
     def validate_eval(self) -> None:
+        self.validate_model()
         if self.eval_tokens < self.seqlen:
             raise ValueError(
                 f"--eval-tokens ({self.eval_tokens}) must be at least one window "
@@ -126,6 +162,7 @@ class CalibrationSettings:
     def validate_calibration(self) -> None:
         if self.nsamples < 1:
             raise ValueError(f"--nsamples must be at least 1, got {self.nsamples}")
+        check_seed(self.seed)
 
     def calibration_windows(self, model, tokens=None) -> torch.Tensor:
         """LongTensor ``[nsamples, seqlen]`` from the calibration split of ``self.dataset``

@@ -44,13 +44,14 @@ from ..disentangle import (
 )
 from ..expansion import DEFAULT_KMEANS_RESTARTS
 from ..ranking import check_percent
-from ..runs import prepare_run_dir, save_table, write_run_config
+from ..runs import save_table
 from .common import (
     CalibrationSettings,
     EvalSettings,
     PositionSettings,
     SparsitySettings,
     eval_windows_for,
+    plan_for,
 )
 
 __all__ = ["DisentangleConfig", "run_disentangle", "save_disentangle_plots"]
@@ -232,31 +233,33 @@ def run_disentangle(cfg: DisentangleConfig, model=None, progress: bool = True) -
         ``cfg.out`` holds a finished run and ``cfg.overwrite`` is False.
     """
     cfg.validate()
+    plan = plan_for(cfg, "disentangle")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model = cfg.load(model)
     seconds["load"] = time.perf_counter() - t0
     layer = check_layer(model.adapter, cfg.layer)
     role = resolve_role(model.adapter, cfg.role)
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
 
     t0 = time.perf_counter()
     x_cal, x_eval, corpus = _collect_inputs(cfg, model, layer, role, progress)
     seconds["collect"] = time.perf_counter() - t0
-    result = _analyse(cfg, model, layer, role, x_cal, x_eval, progress)
-    del x_cal, x_eval
-    seconds.update(result.summary["seconds"])
-    result.summary["seconds"] = seconds
+    with plan.start() as run:
+        out = run.path
+        result = _analyse(cfg, model, layer, role, x_cal, x_eval, progress)
+        del x_cal, x_eval
+        seconds.update(result.summary["seconds"])
+        result.summary["seconds"] = seconds
 
-    t0 = time.perf_counter()
-    save_table(result.table, out, "neurons")
-    result.per_k.to_csv(out / "per_k.csv", index=False)
-    result.outputs.save(out / "top_neuron_outputs.npz")
-    save_disentangle_plots(result, out)
-    seconds["report"] = time.perf_counter() - t0
-    summary = _jsonable(result.summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_config(out, _run_record(cfg, model, corpus, summary))
+        t0 = time.perf_counter()
+        save_table(result.table, out, "neurons")
+        result.per_k.to_csv(out / "per_k.csv", index=False)
+        result.outputs.save(out / "top_neuron_outputs.npz")
+        save_disentangle_plots(result, out)
+        seconds["report"] = time.perf_counter() - t0
+        summary = _jsonable(result.summary)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.finish(_run_record(cfg, model, corpus, summary))
     result.out = out
     return result
 

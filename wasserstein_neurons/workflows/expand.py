@@ -51,13 +51,15 @@ from ..expansion import (
     save_expanded,
 )
 from ..pruning import METHODS, PruneSpec, sequential_prune
-from ..runs import prepare_run_dir, save_table, write_run_config
+from ..runs import check_save_folder, save_table
+from ..trials import EngineSettings, run_trials
 from .common import (
     CalibrationSettings,
     EvalSettings,
     SparsitySettings,
     config_from,
     eval_windows_for,
+    plan_for,
 )
 
 __all__ = [
@@ -79,6 +81,10 @@ EXPERT_GRID = (1, 2, 4, 8, 16)
 #: One-shot baselines run next to SparseGPT / SE: every registered pruner but SparseGPT (which
 #: is the builder with one expert).
 BASELINES = tuple(m for m in METHODS if m != "sparsegpt")
+GRID_COMMAND = "expand --grid"
+DENSE_CELL = ("dense", 1, "dense")
+#: Settings a resumed grid may change: they only add (or leave out) cells.
+GRID_CELLS = ("grid_sparsities", "grid_experts", "baselines")
 
 #: Columns of ``results.csv``.
 RESULT_COLUMNS = (
@@ -116,7 +122,7 @@ def parse_sparsity(value: str | float) -> tuple[float, int, int]:
 
 
 @dataclass
-class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
+class ExpandConfig(EngineSettings, SparsitySettings, CalibrationSettings, EvalSettings):
     """Settings of :func:`run_expand` (one setting) and :func:`run_grid`.
 
     Attributes
@@ -141,6 +147,9 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
     resume : bool
         :func:`run_grid`: keep the rows already in ``out/results.csv`` and run only the
         missing cells.
+    engine, ray_address, trial_cpus, trial_gpus :
+        :func:`run_grid`: run the cells here one after another (``"local"``) or as Ray Tune
+        trials (``"ray"``, :mod:`wasserstein_neurons.trials`).
     """
 
     out: str = "runs/expand"
@@ -170,6 +179,11 @@ class ExpandConfig(SparsitySettings, CalibrationSettings, EvalSettings):
             raise ValueError(f"--experts must be a positive integer, got {self.experts}")
         self.expansion_config(self.experts, self.sparsity, self.prunen, self.prunem)
         self.validate_calibration()
+        if self.resume and not grid:
+            raise ValueError("--resume continues an interrupted grid: pass it with --grid")
+        if self.engine != "local" and not grid:
+            raise ValueError("--engine ray runs the cells of a grid: pass it with --grid")
+        self.validate_engine()
         if grid:
             if not self.grid_sparsities or not self.grid_experts:
                 raise ValueError("the grid needs at least one sparsity and one expert count")
@@ -343,47 +357,42 @@ def run_expand(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
         The results table.
     """
     cfg.validate()
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
-    if cfg.save and Path(cfg.save).exists() and any(Path(cfg.save).iterdir()):
-        raise FileExistsError(f"--save folder {cfg.save} is not empty")
+    plan = plan_for(cfg, "expand")
+    check_save_folder(cfg.save)
     models = _Models(cfg)
     model = models.peek()
     name = model.name
     cal_w, eval_w = _windows(model, cfg)
-    rows = [_row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)]
-    rows[0].update(_evaluate(model, eval_w, cfg, progress))
-    del model  # the cells reuse / free it through `models`
-    pattern = cfg.spec().label
-    tables = []
-    cells = [("sparse_expansion", cfg.experts)] if cfg.experts > 1 else []
-    cells.append(("sparsegpt", 1))
-    for method, k in cells:
-        keep = bool(cfg.save) and (k == cfg.experts)
-        row, layers, exp_cfg = _cell(
-            models, method, k, pattern, cal_w, eval_w, cfg, progress, keep=keep
-        )
-        rows.append(row)
-        tables.append(layers)
-        if keep:
-            save_expanded(
-                models.model,
-                cfg.save,
-                exp_cfg,
-                extra={"perplexity": row["perplexity"], "run": str(out)},
+    with plan.start() as run:
+        rows = [_row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)]
+        rows[0].update(_evaluate(model, eval_w, cfg, progress))
+        del model  # the cells reuse / free it through `models`
+        pattern = cfg.spec().label
+        tables = []
+        cells = [("sparse_expansion", cfg.experts)] if cfg.experts > 1 else []
+        cells.append(("sparsegpt", 1))
+        for method, k in cells:
+            keep = bool(cfg.save) and (k == cfg.experts)
+            row, layers, exp_cfg = _cell(
+                models, method, k, pattern, cal_w, eval_w, cfg, progress, keep=keep
             )
-            models.model = None
-    table = _finish_table(rows, cfg)
-    save_table(table, out, "results")
-    pd.concat(tables, ignore_index=True).to_csv(out / "layers.csv", index=False)
-    write_run_config(
-        out,
-        {
-            "command": "expand",
-            "config": asdict(cfg),
-            "model": name,
-            "results": table.to_dict(orient="records"),
-        },
-    )
+            rows.append(row)
+            tables.append(layers)
+            if keep:
+                extra = {"perplexity": row["perplexity"], "run": str(run.path)}
+                save_expanded(models.model, cfg.save, exp_cfg, extra=extra)
+                models.model = None
+        table = _finish_table(rows, cfg)
+        save_table(table, run.path, "results")
+        pd.concat(tables, ignore_index=True).to_csv(run.path / "layers.csv", index=False)
+        run.finish(
+            {
+                "command": "expand",
+                "config": asdict(cfg),
+                "model": name,
+                "results": table.to_dict(orient="records"),
+            }
+        )
     return table
 
 
@@ -407,53 +416,100 @@ def run_grid(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     pandas.DataFrame
     """
     cfg.validate(grid=True)
-    results_path = Path(cfg.out) / "results.csv"
-    previous = (
-        pd.read_csv(results_path, dtype={"pattern": str})
-        if cfg.resume and results_path.is_file()
-        else pd.DataFrame()
-    )
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite or cfg.resume)
-    meta = {"command": "expand --grid", "config": asdict(cfg), "model": cfg.model}
-    write_run_config(out, meta, finished=False)
-    done = set()
-    rows: list[dict[str, Any]] = []
-    if len(previous):
-        rows = previous.to_dict(orient="records")
-        done = {(r["method"], int(r["experts"]), str(r["pattern"])) for r in rows}
-    models = _Models(cfg)
-    model = models.peek()
-    cal_w, eval_w = _windows(model, cfg)
-    if ("dense", 1, "dense") not in done:
+    plan = plan_for(cfg, GRID_COMMAND, resume=cfg.resume, resumable=True, cells=GRID_CELLS)
+    order = {cell: i for i, cell in enumerate([DENSE_CELL, *_grid_cells(cfg)])}
+    if cfg.engine == "local":
+        models = _Models(cfg)
+        cal_w, eval_w = _windows(models.peek(), cfg)
+    with plan.start() as run:
+        rows, tables = _finished_cells(run.path) if plan.action == "resume" else ([], [])
+        done = {_cell_key(r) for r in rows}
+        todo = [cell for cell in order if cell not in done]
+
+        def add(row: dict, layers: pd.DataFrame) -> None:
+            rows.append(row)
+            rows.sort(key=lambda r: order.get(_cell_key(r), len(order)))
+            tables.append(layers)
+            _save_grid(run.path, _finish_table(rows, cfg), tables, cfg)
+
+        if cfg.engine == "local":
+            for cell in todo:
+                add(*_local_cell(models, cell, cal_w, eval_w, cfg, progress))
+        else:
+            trials = [{"config": asdict(cfg), "cell": list(cell)} for cell in todo]
+            run_trials(
+                f"{__name__}:grid_cell",
+                trials,
+                lambda _, res: add(res["row"], pd.DataFrame(res["layers"])),
+                cfg,
+                storage=run.path / ".ray",
+            )
+        table = _finish_table(rows, cfg)
+        _save_grid(run.path, table, tables, cfg)
+        record = {"command": GRID_COMMAND, "config": asdict(cfg), "model": cfg.model}
+        run.finish({**record, "results": table.to_dict(orient="records")})
+    return table
+
+
+def _cell_key(row: dict) -> tuple[str, int, str]:
+    return row["method"], int(row["experts"]), str(row["pattern"])
+
+
+def _local_cell(models: _Models, cell, cal_w, eval_w, cfg: ExpandConfig, progress: bool):
+    """Row and layer table of one grid cell, built in this process (``DENSE_CELL``: the
+    dense model, evaluated)."""
+    method, k, label = cell
+    if cell == DENSE_CELL:
+        model = models.peek()
         row = _row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)
         row.update(_evaluate(model, eval_w, cfg, progress))
-        rows.insert(0, row)
-    del model  # the cells reuse / free it through `models`
-    tables = []
-    layers_path = out / "layers.csv"
-    if cfg.resume and layers_path.is_file():  # keep only the summaries of finished cells
-        old = pd.read_csv(layers_path, dtype={"pattern": str})
-        cell = zip(old["method"], old["experts"].astype(int), old["pattern"], strict=True)
-        tables.append(old[[c in done for c in cell]])
+        return row, pd.DataFrame()
+    row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
+    return row, layers
+
+
+def grid_cell(config: dict, cell: list) -> dict[str, Any]:
+    """One grid cell as a trial (:mod:`wasserstein_neurons.trials`): the run's ``config``
+    (``asdict(ExpandConfig)``) and the cell ``[method, experts, pattern]`` in, its
+    ``results.csv`` row and ``layers.csv`` rows out. Loads its own model and makes the same
+    seeded windows as the local engine."""
+    cfg = ExpandConfig(**config)
+    models = _Models(cfg)
+    cal_w, eval_w = _windows(models.peek(), cfg)
+    method, k, label = cell
+    row, layers = _local_cell(models, (method, int(k), label), cal_w, eval_w, cfg, False)
+    return {"row": row, "layers": layers.to_dict(orient="records")}
+
+
+def _grid_cells(cfg: ExpandConfig) -> list[tuple[str, int, str]]:
+    """``(method, experts, pattern)`` of every grid cell, in the order they run."""
     cells = []
     for pattern in cfg.grid_sparsities:
         label = PruneSpec.from_pattern(pattern).label
         cells += [(b, 1, label) for b in cfg.baselines]
         for k in cfg.grid_experts:
             cells.append(("sparsegpt" if int(k) == 1 else "sparse_expansion", int(k), label))
-    for method, k, label in cells:
-        if (method, k, label) in done:
-            continue
-        row, layers, _ = _cell(models, method, k, label, cal_w, eval_w, cfg, progress)
-        rows.append(row)
-        tables.append(layers)
-        partial = _finish_table(rows, cfg)
-        save_table(partial, out, "results")
-        save_grid_figure(partial, out, cfg.model)
-        pd.concat(tables, ignore_index=True).to_csv(layers_path, index=False)
-    table = _finish_table(rows, cfg)
+    return cells
+
+
+def _finished_cells(out: Path) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """The rows of ``results.csv`` and the ``layers.csv`` summaries of those cells, from a
+    run being resumed (nothing when it finished no cell yet)."""
+    results_path, layers_path = out / "results.csv", out / "layers.csv"
+    if not results_path.is_file():
+        return [], []
+    rows = pd.read_csv(results_path, dtype={"pattern": str}).to_dict(orient="records")
+    done = {_cell_key(r) for r in rows}
+    if not layers_path.is_file():
+        return rows, []
+    old = pd.read_csv(layers_path, dtype={"pattern": str})
+    cell = zip(old["method"], old["experts"].astype(int), old["pattern"], strict=True)
+    return rows, [old[[c in done for c in cell]]]
+
+
+def _save_grid(out: Path, table: pd.DataFrame, tables: list[pd.DataFrame], cfg) -> None:
+    """Rewrite ``results.csv``, ``grid.png`` and ``layers.csv`` (after every cell)."""
     save_table(table, out, "results")
     save_grid_figure(table, out, cfg.model)
-    meta["results"] = table.to_dict(orient="records")
-    write_run_config(out, meta, finished=True)
-    return table
+    if tables:
+        pd.concat(tables, ignore_index=True).to_csv(out / "layers.csv", index=False)

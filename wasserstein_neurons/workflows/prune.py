@@ -17,8 +17,14 @@ import pandas as pd
 
 from ..evaluate import perplexity
 from ..pruning import check_method, sequential_prune
-from ..runs import prepare_run_dir, save_table, write_run_config
-from .common import CalibrationSettings, EvalSettings, SparsitySettings, eval_windows_for
+from ..runs import check_save_folder, save_table
+from .common import (
+    CalibrationSettings,
+    EvalSettings,
+    SparsitySettings,
+    eval_windows_for,
+    plan_for,
+)
 
 
 def run_eval(settings: EvalSettings, model=None, progress: bool = True) -> dict:
@@ -62,28 +68,37 @@ class PruneConfig(SparsitySettings, CalibrationSettings, EvalSettings):
 def run_prune(cfg: PruneConfig, model=None, progress: bool = True) -> dict:
     """Prune, evaluate before and after, write the run folder; returns the result row."""
     cfg.validate()
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
-    if cfg.save and Path(cfg.save).exists() and any(Path(cfg.save).iterdir()):
-        raise FileExistsError(f"--save folder {cfg.save} is not empty")
+    plan = plan_for(cfg, "prune")
+    check_save_folder(cfg.save)
     model = cfg.load(model)
     eval_windows = eval_windows_for(model, cfg)
     cal_windows = cfg.calibration_windows(model)
+    with plan.start() as run:
+        before = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
+        t0 = time.perf_counter()
+        layers = sequential_prune(
+            model,
+            cal_windows,
+            cfg.method,
+            cfg.spec(),
+            targets=cfg.targets,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
+        prune_seconds = time.perf_counter() - t0
+        after = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
+        row = _result_row(cfg, before, after, layers, prune_seconds)
+        save_table(pd.DataFrame([row]), run.path, "prune")
+        layers.to_csv(run.path / "layers.csv", index=False)
+        if cfg.save:
+            save_pruned(model, cfg.save)
+        run.finish({"command": "prune", "config": asdict(cfg), "model": model.name, "result": row})
+    return row
 
-    before = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
-    t0 = time.perf_counter()
-    layers = sequential_prune(
-        model,
-        cal_windows,
-        cfg.method,
-        cfg.spec(),
-        targets=cfg.targets,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
-    prune_seconds = time.perf_counter() - t0
-    after = perplexity(model, eval_windows, batch_size=cfg.batch_size, progress=progress)
 
-    row = {
+def _result_row(cfg: PruneConfig, before, after, layers: pd.DataFrame, seconds: float) -> dict:
+    """The one row of ``prune.csv``: settings, perplexity before / after, achieved sparsity."""
+    return {
         "method": cfg.method,
         "sparsity": cfg.target_sparsity,
         "prunen": cfg.prunen,
@@ -99,16 +114,8 @@ def run_prune(cfg: PruneConfig, model=None, progress: bool = True) -> dict:
             / (layers["n_rows"] * layers["d_in"]).sum()
         ),
         "eval_tokens": after.n_tokens,
-        "prune_seconds": prune_seconds,
+        "prune_seconds": seconds,
     }
-    save_table(pd.DataFrame([row]), out, "prune")
-    layers.to_csv(out / "layers.csv", index=False)
-    if cfg.save:
-        save_pruned(model, cfg.save)
-    write_run_config(
-        out, {"command": "prune", "config": asdict(cfg), "model": model.name, "result": row}
-    )
-    return row
 
 
 def save_pruned(model, path: str | Path) -> Path:

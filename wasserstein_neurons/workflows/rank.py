@@ -30,12 +30,12 @@ import numpy as np
 import pandas as pd
 
 from .. import plotting
-from ..capture import ActivationStore, capture_activations, remove_store
+from ..capture import ActivationStore, capture_activations, remove_store, resolve_hook_names
 from ..data import load_tokens, sample_windows
 from ..ranking import check_percent, rank_store, top_activating_contexts, top_neurons
-from ..runs import prepare_run_dir, save_table, write_run_config
+from ..runs import save_table
 from ..wasserstein import METHODS
-from .common import ModelSettings, PositionSettings
+from .common import ModelSettings, PositionSettings, check_seed, plan_for
 
 
 @dataclass
@@ -54,6 +54,8 @@ class RankConfig(PositionSettings, ModelSettings):
     overwrite: bool = False
 
     def validate(self) -> None:
+        self.validate_model()
+        check_seed(self.seed)
         check_percent(self.top_percent)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
@@ -73,9 +75,12 @@ class RankResult:
 
 
 def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
-    """Run the whole ranking workflow; ``model`` (a ``LoadedModel``) skips loading."""
+    """Run the whole ranking workflow; ``model`` (a ``LoadedModel``) skips loading.
+
+    Every setting, the model, the corpus and the hooks are checked before ``cfg.out`` is
+    touched (:mod:`wasserstein_neurons.runs`)."""
     cfg.validate()
-    out = prepare_run_dir(cfg.out, overwrite=cfg.overwrite)
+    plan = plan_for(cfg, "rank")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model = cfg.load(model)
@@ -84,32 +89,34 @@ def run_rank(cfg: RankConfig, model=None, progress: bool = True) -> RankResult:
     t0 = time.perf_counter()
     tokens = load_tokens(model.tokenizer, cfg.dataset, "calibration")
     windows = cfg.with_bos(model, sample_windows(tokens, cfg.tokens, cfg.seqlen, seed=cfg.seed))
-    store = capture_activations(
-        model,
-        windows,
-        out / "activations",
-        hooks=cfg.hooks,
-        batch_size=cfg.batch_size,
-        dtype=cfg.store_dtype,
-        overwrite=True,
-        progress=progress,
-        bos=cfg.bos,
-    )
-    seconds["capture"] = time.perf_counter() - t0
+    resolve_hook_names(model.bridge, cfg.hooks)
+    with plan.start() as run:
+        out = run.path
+        store = capture_activations(
+            model,
+            windows,
+            out / "activations",
+            hooks=cfg.hooks,
+            batch_size=cfg.batch_size,
+            dtype=cfg.store_dtype,
+            overwrite=True,
+            progress=progress,
+            bos=cfg.bos,
+        )
+        seconds["capture"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    table, top = _rank_table(store, cfg, progress)
-    seconds["rank"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table, top = _rank_table(store, cfg, progress)
+        seconds["rank"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    contexts = _report(out, store, model.tokenizer, table, top, cfg)
-    seconds["report"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        contexts = _report(out, store, model.tokenizer, table, top, cfg)
+        seconds["report"] = time.perf_counter() - t0
 
-    if not cfg.keep_activations:
-        remove_store(out / "activations")
-        store = None
-    record = _run_record(cfg, model, len(tokens), int(windows.numel()), table, seconds)
-    write_run_config(out, record)
+        if not cfg.keep_activations:
+            remove_store(out / "activations")
+            store = None
+        run.finish(_run_record(cfg, model, len(tokens), int(windows.numel()), table, seconds))
     return RankResult(
         out=out, table=table, top=top, contexts=contexts, store=store, seconds=seconds
     )
