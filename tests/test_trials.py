@@ -154,3 +154,20 @@ def test_sweep_is_the_same_under_both_engines(ray_cluster, tiny_dir, corpus, tmp
     )
     assert list(local["trial"]) == list(on_ray["trial"]) and len(local) == 2
     pd.testing.assert_series_equal(local["perplexity_after"], on_ray["perplexity_after"], rtol=1e-6)
+
+
+def test_ablation_is_the_same_under_both_engines(ray_cluster, tiny_dir, corpus, tmp_path):
+    base = ["ablate", "--model", str(tiny_dir), "--dataset", str(corpus), "--seqlen", "32"]
+    base += ["--nsamples", "4", "--eval-tokens", "256", "--tokens", "512", "--no-progress"]
+    base += ["--strategies", "wd-top,random", "--seeds", "2", "--mode", "weights,zero,threshold"]
+    base += ["--activation-sparsity", "0.5", "--threshold-scope", "selected,all"]
+    assert main([*base, "--out", str(tmp_path / "local")]) == 0
+    ray_flags = ["--engine", "ray", "--ray-address", ray_cluster, "--out", str(tmp_path / "ray")]
+    assert main([*base, *ray_flags]) == 0
+    local = pd.read_csv(tmp_path / "local" / "ablation.csv")
+    on_ray = pd.read_csv(tmp_path / "ray" / "ablation.csv")
+    keys = ["strategy", "seed", "mode"]
+    assert local[keys].astype(str).values.tolist() == on_ray[keys].astype(str).values.tolist()
+    # dense; weights, zero and selected thresholding x (wd-top + 2 random seeds); all-neuron one
+    assert len(local) == 1 + 3 * (1 + 2) + 1
+    pd.testing.assert_series_equal(local["perplexity"], on_ray["perplexity"], rtol=1e-6)

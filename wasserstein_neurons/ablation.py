@@ -411,8 +411,10 @@ def run_ablation(
     batch_size: int = 8,
     progress: bool = True,
     stats: ActivationStats | None = None,
+    only: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Every setting (:func:`ablation_settings`) → one row with its perplexity.
+    """Every setting (:func:`ablation_settings`) → one row with its perplexity; with ``only``,
+    just the settings of those indices, in that order (a trial's share of a sweep).
 
     The first row is the dense model (``strategy="dense"``, ``mode="dense"``, both sparsities
     0).  Deterministic strategies run once (``seed`` 0); ``random`` runs ``cfg.seeds`` times.
@@ -436,7 +438,9 @@ def run_ablation(
     base = dict(top_percent=cfg.top_percent, hook=cfg.hook, neurons_per_layer=sweep.k)
     dense = Setting("dense", "dense", neuron_sparsity=0.0, activation_sparsity=0.0)
     rows = [_row(dense, sweep.ppl(), cfg, base)]
-    for setting in tqdm(ablation_settings(cfg), desc="ablation", disable=not progress):
+    settings = ablation_settings(cfg)
+    chosen = [settings[i] for i in (range(len(settings)) if only is None else only)]
+    for setting in tqdm(chosen, desc="ablation", disable=not progress):
         rows.append(_row(setting, sweep.measure(setting), cfg, base))
     return pd.DataFrame(rows)
 

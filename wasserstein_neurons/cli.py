@@ -326,6 +326,7 @@ def _add_activation_modes(p: argparse.ArgumentParser) -> None:
         default=4096,
         help="calibration tokens pooled for the mean / resample / threshold statistics",
     )
+    _add_engine(p)
 
 
 def _ablate(args: argparse.Namespace) -> int:

@@ -26,9 +26,16 @@ from pathlib import Path
 import pandas as pd
 
 from .. import plotting
-from ..ablation import AblationConfig, collect_calibration, run_ablation, summarize
+from ..ablation import (
+    AblationConfig,
+    ablation_settings,
+    collect_calibration,
+    run_ablation,
+    summarize,
+)
 from ..interventions import check_hook, collect_activation_stats
 from ..runs import read_run_config, save_table
+from ..trials import EngineSettings, run_trials
 from .common import (
     CalibrationSettings,
     EvalSettings,
@@ -41,7 +48,7 @@ from .rank import RankConfig, run_rank
 
 
 @dataclass
-class AblateConfig(PositionSettings, CalibrationSettings, EvalSettings):
+class AblateConfig(EngineSettings, PositionSettings, CalibrationSettings, EvalSettings):
     """Knobs of an ``ablate`` run: the study (:class:`~wasserstein_neurons.ablation.AblationConfig`)
     plus where its ranking, calibration and evaluation come from."""
 
@@ -54,6 +61,7 @@ class AblateConfig(PositionSettings, CalibrationSettings, EvalSettings):
 
     def validate(self) -> None:
         self.study.validate()
+        self.validate_engine()
         self.validate_eval()
         self.validate_calibration()
         self.validate_positions(self.seqlen)
@@ -141,7 +149,10 @@ def _calibrate(cfg: AblateConfig, model, windows, progress: bool):
 def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataFrame:
     """Rank (or reuse a ranking), calibrate once, run the study, write the run folder.
 
-    Returns the ``ablation.csv`` table (first row: the dense model).
+    With ``cfg.engine == "ray"`` each strategy (with its seeds, sparsities and modes) is one
+    Ray Tune trial (:func:`ablate_trial`) that calibrates on the same windows and reads the
+    same ranking; the rows are put in the local engine's order. Returns the ``ablation.csv``
+    table (first row: the dense model).
     """
     cfg.validate()
     plan = plan_for(cfg, "ablate")
@@ -156,29 +167,19 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
         t0 = time.perf_counter()
         table, ranking_dir = _ranking(cfg, model, out, progress, reused)
         seconds["ranking"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        cache, stats = _calibrate(cfg, model, cal_windows, progress)
-        seconds["calibration"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        results = run_ablation(
-            model,
-            table,
-            cfg.study,
-            eval_windows,
-            cache,
-            batch_size=cfg.batch_size,
-            progress=progress,
-            stats=stats,
-        )
+        if cfg.engine == "local":
+            cache, stats = _calibrate(cfg, model, cal_windows, progress)
+            seconds["calibration"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            results = run_ablation(
+                model, table, cfg.study, eval_windows, cache,
+                batch_size=cfg.batch_size, progress=progress, stats=stats,
+            )  # fmt: skip
+        else:
+            results = _sweep_as_trials(cfg, ranking_dir, out)
         seconds["sweep"] = time.perf_counter() - t0
-        save_table(results, out, "ablation")
-        summarize(results).to_csv(out / "ablation_summary.csv", index=False)
-        title = f"{model.name}: top {cfg.study.top_percent:g}% neurons per layer"
-        if "weights" in cfg.study.modes:
-            title += f", {cfg.study.method}"
-        plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
+        _save(results, cfg, model.name, out)
         run.finish(
             {
                 "command": "ablate",
@@ -189,3 +190,48 @@ def run_ablate(cfg: AblateConfig, model=None, progress: bool = True) -> pd.DataF
             }
         )
     return results
+
+
+def _save(results: pd.DataFrame, cfg: AblateConfig, name: str, out: Path) -> None:
+    save_table(results, out, "ablation")
+    summarize(results).to_csv(out / "ablation_summary.csv", index=False)
+    title = f"{name}: top {cfg.study.top_percent:g}% neurons per layer"
+    if "weights" in cfg.study.modes:
+        title += f", {cfg.study.method}"
+    plotting.save_figure(plotting.plot_ablation(results, title), out / "ablation.png")
+
+
+def _sweep_as_trials(cfg: AblateConfig, ranking_dir: str, out: Path) -> pd.DataFrame:
+    """The study as one trial per strategy (each with every mode, seed and sparsity of that
+    strategy); the dense row once, then every setting's row in the local engine's order."""
+    config = asdict(config_from(AblateConfig, cfg, ranking=str(ranking_dir)))
+    settings = ablation_settings(cfg.study)
+    groups: dict[str, list[int]] = {}
+    for i, setting in enumerate(settings):
+        groups.setdefault(setting.strategy, []).append(i)
+    rows: dict[int, dict] = {}
+
+    def add(params: dict, result: dict) -> None:
+        rows.setdefault(-1, result["rows"][0])  # the dense row (the same in every trial)
+        rows.update(zip(params["only"], result["rows"][1:], strict=True))
+
+    trials = [{"config": config, "only": only} for only in groups.values()]
+    run_trials(f"{__name__}:ablate_trial", trials, add, cfg, storage=out / ".ray")
+    return pd.DataFrame([rows[i] for i in range(-1, len(settings))])
+
+
+def ablate_trial(config: dict, only: list[int]) -> dict:
+    """The settings ``only`` (indices of :func:`~wasserstein_neurons.ablation.ablation_settings`)
+    of an ablation study as a trial (:mod:`wasserstein_neurons.trials`): the run's ``config``
+    (``asdict(AblateConfig)``, with ``ranking`` set) in, the dense row and those settings' rows
+    out. It calibrates on the same seeded windows and selects from the same ranking."""
+    study = AblationConfig(**config["study"])
+    cfg = AblateConfig(**{**config, "study": study, "engine": "local", "ray_address": None})
+    model = cfg.load()
+    table = load_ranking(cfg.ranking, model.name, cfg)
+    cache, stats = _calibrate(cfg, model, cfg.calibration_windows(model), False)
+    results = run_ablation(
+        model, table, cfg.study, eval_windows_for(model, cfg), cache,
+        batch_size=cfg.batch_size, progress=False, stats=stats, only=only,
+    )  # fmt: skip
+    return {"rows": results.to_dict(orient="records")}
