@@ -115,17 +115,30 @@ def read_run_config(out: str | Path) -> dict:
     return config
 
 
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``df`` to ``path`` atomically (a temporary sibling, then a rename), so a run
+    killed while writing leaves the previous version, never a truncated table that a
+    ``--resume`` would fail to read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
 def save_table(df: pd.DataFrame, out: str | Path, name: str) -> list[Path]:
-    """Save ``df`` as ``name.csv`` and, when pyarrow is installed, ``name.parquet``."""
+    """Save ``df`` as ``name.csv`` (atomically, :func:`write_csv`) and, when pyarrow is
+    installed, ``name.parquet``."""
     out = Path(out)
-    paths = [out / f"{name}.csv"]
-    df.to_csv(paths[0], index=False)
+    paths = [write_csv(df, out / f"{name}.csv")]
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         return paths
     paths.append(out / f"{name}.parquet")
-    df.to_parquet(paths[1], index=False)
+    tmp = out / f".{name}.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    tmp.replace(paths[1])
     return paths
 
 

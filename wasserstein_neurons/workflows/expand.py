@@ -51,7 +51,7 @@ from ..expansion import (
     save_expanded,
 )
 from ..pruning import METHODS, PruneSpec, sequential_prune
-from ..runs import check_save_folder, save_table
+from ..runs import check_save_folder, save_table, write_csv
 from ..trials import EngineSettings, run_trials
 from .common import (
     CalibrationSettings,
@@ -384,7 +384,7 @@ def run_expand(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
                 models.model = None
         table = _finish_table(rows, cfg)
         save_table(table, run.path, "results")
-        pd.concat(tables, ignore_index=True).to_csv(run.path / "layers.csv", index=False)
+        write_csv(pd.concat(tables, ignore_index=True), run.path / "layers.csv")
         run.finish(
             {
                 "command": "expand",
@@ -500,9 +500,10 @@ def _finished_cells(out: Path) -> tuple[list[dict[str, Any]], list[pd.DataFrame]
         return [], []
     rows = pd.read_csv(results_path, dtype={"pattern": str}).to_dict(orient="records")
     done = {_cell_key(r) for r in rows}
-    if not layers_path.is_file():
+    try:
+        old = pd.read_csv(layers_path, dtype={"pattern": str})
+    except (FileNotFoundError, pd.errors.EmptyDataError):  # no cell with layers finished
         return rows, []
-    old = pd.read_csv(layers_path, dtype={"pattern": str})
     cell = zip(old["method"], old["experts"].astype(int), old["pattern"], strict=True)
     return rows, [old[[c in done for c in cell]]]
 
@@ -511,5 +512,6 @@ def _save_grid(out: Path, table: pd.DataFrame, tables: list[pd.DataFrame], cfg) 
     """Rewrite ``results.csv``, ``grid.png`` and ``layers.csv`` (after every cell)."""
     save_table(table, out, "results")
     save_grid_figure(table, out, cfg.model)
+    tables = [t for t in tables if len(t)]  # the dense cell has no layers
     if tables:
-        pd.concat(tables, ignore_index=True).to_csv(out / "layers.csv", index=False)
+        write_csv(pd.concat(tables, ignore_index=True), out / "layers.csv")
