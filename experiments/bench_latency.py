@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         return 0
     print("\n2-3. per-token MLP latency, microseconds per token\n")
     mlps = bench_mlps(sparsities, args)
-    print(mlps.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    print(mlps.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\n4. end-to-end forward of the embedded model, tokens/s\n")
     print(bench_e2e(args).to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     return 0
