@@ -37,11 +37,27 @@ def world(tmp_path_factory, tiny_dir, corpus):
     for f in Path(tiny_dir).iterdir():
         (bad_cfg / f.name).write_bytes(f.read_bytes())
     (bad_cfg / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    _save_tiny(root / "mixtral", "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    _save_tiny(root / "ctrl", "ctrl", n_embd=64, n_layer=2, n_head=4, dff=128)
     broken_rank = root / "broken_rank"
     broken_rank.mkdir()
     (broken_rank / "config.json").write_text("{not json")
     (broken_rank / "neurons.csv").write_text("layer,neuron\n")
     return {"root": root, "tiny": str(tiny_dir), "corpus": str(corpus)}
+
+
+def _save_tiny(path: Path, model_type: str, **kw) -> None:
+    """A tiny random model folder of ``model_type`` with the test tokenizer."""
+    from conftest import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    if "n_embd" not in kw:
+        kw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        kw.update(num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **kw)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -66,6 +82,17 @@ GRID = ["--grid", "--grid-sparsities", "0.5", "--grid-experts", "1", "--eval-tok
 
 # (case id, argv from the world, words the error line must contain)
 CASES = [
+    (
+        "mixture-of-experts model",
+        lambda w, r: _args(w, "rank", r("new"), model=str(w["root"] / "mixtral")),
+        "'mixtral' is mapped by TransformerLens but has no dense MLP neurons here: its MLP is "
+        "a mixture of experts",
+    ),
+    (
+        "architecture the bridge does not map",
+        lambda w, r: _args(w, "prune", r("new"), model=str(w["root"] / "ctrl")),
+        "does not map the architecture CTRLLMHeadModel",
+    ),
     (
         "seqlen beyond context",
         lambda w, r: _args(w, "rank", r("new"), "--seqlen", "512", "--tokens", "1024"),

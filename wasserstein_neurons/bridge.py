@@ -157,8 +157,7 @@ def replace_linear(model: LoadedModel, layer: int, role: str, new_module: nn.Mod
     spec = adapter.spec(role)
     if isinstance(new_module, nn.Module) and getattr(new_module, "original_component", None):
         raise ValueError("pass the replacement module itself, not a bridge wrapper")
-    hf_mlp = adapter.mlp(model.hf_model, layer)
-    holder = getattr(hf_mlp, spec.hf_attr)
+    holder = adapter.holder(model.hf_model, layer, role)
     old = unwrap(holder)
     old_feat, new_feat = linear_features(old), linear_features(new_module)
     if old_feat is not None and new_feat is not None and old_feat != new_feat:
@@ -169,7 +168,7 @@ def replace_linear(model: LoadedModel, layer: int, role: str, new_module: nn.Mod
     if holder is not old:  # a TransformerLens wrapper: swap what it wraps
         holder.set_original_component(new_module)
     else:
-        setattr(unwrap(hf_mlp), spec.hf_attr, new_module)
+        adapter.set_holder(model.hf_model, layer, role, new_module)
     _replace_in_unshared_bridge(model, layer, spec.bridge_attr, holder, new_module)
     return old
 

@@ -515,6 +515,26 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="the architectures load_model supports, and how tested")
+    p.add_argument("--tested", action="store_true", help="only those of the test matrix")
+    p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .architectures import architecture_table
+
+    rows = [r for r in architecture_table() if r["status"] == "tested" or not args.tested]
+    width = max(len(r["architecture"]) for r in rows)
+    for r in sorted(rows, key=lambda r: (r["status"] != "tested", r["architecture"])):
+        print(f"{r['architecture']:<{width}}  {r['status']}  [{r['model_type']}]")
+    print(
+        f"{sum(r['status'] == 'tested' for r in rows)} tested of {len(rows)} listed. Any model is "
+        "checked when loaded: every block must have a dense MLP (gate/up/down or up/down)."
+    )
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one ``error: …`` line (no usage block), exit 2."""
 
@@ -539,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         add(sub)
     _add_report(sub)
+    _add_models(sub)
     return parser
 
 

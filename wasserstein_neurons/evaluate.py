@@ -99,17 +99,31 @@ class PerplexityResult:
 
 
 def _lm_parts(hf: nn.Module) -> tuple[nn.Module, nn.Module]:
-    cfg = getattr(hf, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            raise ValueError(
-                f"perplexity() computes logits as lm_head(hidden); {attr} is not supported"
-            )
     base = hf.base_model
     head = hf.get_output_embeddings()
     if base is hf or head is None:
         raise TypeError("expected a causal LM with a base model and an output embedding")
     return base, head
+
+
+def finish_logits(hf: nn.Module, logits: Tensor) -> Tensor:
+    r"""What the HF model does to ``lm_head(hidden)`` before returning logits.
+
+    ``logit_scale`` (Cohere): ``z · s``; ``logits_scaling`` (Granite): ``z / s``;
+    ``final_logit_softcapping`` (Gemma 2/3): ``c · tanh(z / c)``.  ``logits`` is float32 here
+    (the NLL is always taken in float32).
+    """
+    cfg = getattr(hf, "config", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale not in (None, 1, 1.0):
+        logits = logits * scale
+    divide = getattr(cfg, "logits_scaling", None)
+    if divide not in (None, 1, 1.0):
+        logits = logits / divide
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap not in (None, 0, 0.0):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str = "sum") -> Tensor:
@@ -146,6 +160,7 @@ def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str
         per_token = [] if reduction == "none" else None
         for i in range(0, b * n, nll_chunk):
             logits = head(flat_h[i : i + nll_chunk].unsqueeze(0)).squeeze(0).float()
+            logits = finish_logits(hf, logits)
             if per_token is None:
                 loss = F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="sum")
                 total += loss.double()

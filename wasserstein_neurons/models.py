@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bridge import unwrap
+from .architectures import (  # noqa: F401 (ArchitectureAdapter, MLPLinearSpec: re-exported)
+    ArchitectureAdapter,
+    MLPLinearSpec,
+    UnsupportedArchitecture,
+    adapter_from_bridge,
+    install_fused_gate_up,
+)
 from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
     CACHE_ENV,
     EMBEDDED_MODELS,
@@ -40,163 +46,6 @@ from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
 )
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-# --------------------------------------------------------------------------------------------
-# Architecture adapters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MLPLinearSpec:
-    """One linear module of a decoder layer's MLP.
-
-    Attributes
-    ----------
-    role:
-        ``"gate"``, ``"up"`` (first projection) or ``"down"`` (second projection).
-    hf_attr:
-        Attribute name on the HF MLP module (``gate_proj``, ``dense_h_to_4h``, ``c_fc`` ...).
-    bridge_attr:
-        Attribute name on ``bridge.blocks[l].mlp`` (``gate``, ``in``, ``out``).
-    neuron_hook:
-        Hook alias on ``blocks.{l}.mlp`` that carries this linear's *output* for ``gate``/``up``
-        (``hook_pre``, ``hook_pre_linear``) or its *input* for ``down`` (``hook_post``).
-    transposed:
-        True for GPT-2's ``Conv1D``, whose weight is stored ``[in, out]``.
-    """
-
-    role: str
-    hf_attr: str
-    bridge_attr: str
-    neuron_hook: str
-    transposed: bool = False
-
-
-@dataclass(frozen=True)
-class ArchitectureAdapter:
-    """Names the MLP linears of one architecture family and gives uniform access to them.
-
-    Every weight is exposed as ``[out_features, in_features]`` (rows = neurons), whatever the
-    storage layout, so pruning code never needs to know about GPT-2's transposed ``Conv1D``.
-    """
-
-    family: str
-    layers_path: str
-    mlp_attr: str
-    linears: tuple[MLPLinearSpec, ...]
-    n_layers: int
-    d_model: int
-    d_mlp: int
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return tuple(s.role for s in self.linears)
-
-    @property
-    def neuron_roles(self) -> tuple[str, ...]:
-        """Roles whose output rows are the MLP's neurons (inputs to the nonlinearity)."""
-        return tuple(s.role for s in self.linears if s.role != "down")
-
-    @property
-    def first_role(self) -> str:
-        """The projection the paper studies: Llama ``gate``, GPT-NeoX / GPT-2 ``up``."""
-        return self.neuron_roles[0]
-
-    def spec(self, role: str) -> MLPLinearSpec:
-        for s in self.linears:
-            if s.role == role:
-                return s
-        raise ValueError(f"{self.family} MLPs have no {role!r} linear; roles are {self.roles}")
-
-    def decoder_layers(self, hf_model: nn.Module) -> nn.ModuleList:
-        module = hf_model
-        for part in self.layers_path.split("."):
-            module = getattr(module, part)
-        return module
-
-    def mlp(self, hf_model: nn.Module, layer: int) -> nn.Module:
-        return getattr(self.decoder_layers(hf_model)[layer], self.mlp_attr)
-
-    def linear(self, hf_model: nn.Module, layer: int, role: str) -> nn.Module:
-        """The torch module (``nn.Linear`` or ``Conv1D``) behind ``role`` in ``layer``.
-
-        TransformerLens bridges replace HF linears by ``LinearBridge`` wrappers; this returns the
-        wrapped original so its ``weight`` is the real parameter.
-        """
-        module = getattr(self.mlp(hf_model, layer), self.spec(role).hf_attr)
-        return unwrap(module)
-
-    def weight(self, hf_model: nn.Module, layer: int, role: str) -> torch.Tensor:
-        """``[out, in]`` view of the weight (a transposed view for GPT-2): writes go through."""
-        w = self.linear(hf_model, layer, role).weight.data
-        return w.T if self.spec(role).transposed else w
-
-    def hook_name(self, layer: int, role: str) -> str:
-        """TransformerLens hook alias tied to ``role``'s neurons in ``layer``."""
-        return f"blocks.{layer}.mlp.{self.spec(role).neuron_hook}"
-
-    def input_hook_name(self, layer: int, role: str) -> str:
-        """Hook that sees the input ``[batch, pos, in]`` of ``role``'s linear."""
-        return f"blocks.{layer}.mlp.{self.spec(role).bridge_attr}.hook_in"
-
-
-_FAMILIES = {
-    "llama": dict(
-        layers_path="model.layers",
-        mlp_attr="mlp",
-        linears=(
-            MLPLinearSpec("gate", "gate_proj", "gate", "hook_pre"),
-            MLPLinearSpec("up", "up_proj", "in", "hook_pre_linear"),
-            MLPLinearSpec("down", "down_proj", "out", "hook_post"),
-        ),
-    ),
-    "gpt_neox": dict(
-        layers_path="gpt_neox.layers",
-        mlp_attr="mlp",
-        linears=(
-            MLPLinearSpec("up", "dense_h_to_4h", "in", "hook_pre"),
-            MLPLinearSpec("down", "dense_4h_to_h", "out", "hook_post"),
-        ),
-    ),
-    "gpt2": dict(
-        layers_path="transformer.h",
-        mlp_attr="mlp",
-        linears=(
-            MLPLinearSpec("up", "c_fc", "in", "hook_pre", transposed=True),
-            MLPLinearSpec("down", "c_proj", "out", "hook_post", transposed=True),
-        ),
-    ),
-}
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "gpt_neox": "gpt_neox", "gpt2": "gpt2"}
-
-
-def adapter_for(config) -> ArchitectureAdapter:
-    """Build the :class:`ArchitectureAdapter` for a ``transformers`` config.
-
-    Raises
-    ------
-    ModelLoadError
-        If the architecture is not one of the supported families.
-    """
-    model_type = getattr(config, "model_type", None)
-    family = SUPPORTED_MODEL_TYPES.get(model_type)
-    if family is None:
-        raise ModelLoadError(
-            f"unsupported architecture {model_type!r}; supported model types: "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))} (Llama family, GPT-NeoX/Pythia, GPT-2)"
-        )
-    if family == "gpt2":
-        d_model = config.n_embd
-        d_mlp = config.n_inner or 4 * config.n_embd
-        n_layers = config.n_layer
-    else:
-        d_model = config.hidden_size
-        d_mlp = config.intermediate_size
-        n_layers = config.num_hidden_layers
-    return ArchitectureAdapter(
-        family=family, n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, **_FAMILIES[family]
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +147,40 @@ def _from_pretrained(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def boot_bridge(name: str, hf_model: nn.Module, tokenizer, device: torch.device):
+    """Boot the TransformerLens bridge on ``hf_model`` (``ModelLoadError`` if it maps no such
+    architecture).
+
+    Configs built with ``from_config`` often carry ``architectures=None``, from which the bridge
+    cannot tell the architecture for model types missing from its own table (``gemma3_text``,
+    ``olmo2``); the model's class name is what ``save_pretrained`` would record, so it is used.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    config = hf_model.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(hf_model).__name__]
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, device=str(device)
+        )
+    except ValueError as err:
+        if "Could not determine supported architecture" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"TransformerLens {_tl_version()} does not map the architecture "
+            f"{config.architectures[0]} (model type {getattr(config, 'model_type', None)!r}); "
+            "run `wasserstein-neurons models` for the supported ones"
+        ) from None
+    return bridge.eval()
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = "cpu",
@@ -332,16 +215,15 @@ def load_model(
             hf_model, tokenizer = _from_pretrained(name, dtype)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with hf_model")
-    adapter = adapter_for(hf_model.config)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=tokenizer, device=str(device)
-    )
-    bridge.eval()
+    bridge = boot_bridge(name, hf_model, tokenizer, device)
+    try:
+        install_fused_gate_up(bridge)
+        adapter = adapter_from_bridge(bridge, hf_model)
+    except UnsupportedArchitecture as err:
+        raise ModelLoadError(str(err)) from None
     return LoadedModel(
         name=name, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter
     )

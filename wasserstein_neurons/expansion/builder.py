@@ -648,7 +648,7 @@ def _bridge_holders(model, roles: Sequence[str]) -> dict[tuple[int, str], Any]:
     """
     adapter, hf = model.adapter, model.hf_model
     return {
-        (layer, role): getattr(adapter.mlp(hf, layer), adapter.spec(role).hf_attr)
+        (layer, role): adapter.holder(hf, layer, role)
         for layer in range(adapter.n_layers)
         for role in roles
     }
