@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bridge import WRAPPER_ATTRS, clean_module_path, is_linear, unwrap
+from .bridge import WRAPPER_ATTRS, clean_module_path, is_linear, module_paths, unwrap
 
 __all__ = [
     "ArchitectureAdapter",
@@ -243,28 +243,6 @@ def _layer_specs(mlp: nn.Module, layer_path: str, paths: dict[int, str], model_t
     return tuple(found)
 
 
-def _module_paths(hf_model: nn.Module) -> dict[int, str]:
-    """id(module) → its path in ``hf_model``, preferring a *native* path: one that enters every
-    TransformerLens wrapper through the module it wraps, so it also resolves while the wrappers
-    are detached (:func:`~wasserstein_neurons.bridge.native_modules`)."""
-    native: dict[int, str] = {}
-    other: dict[int, str] = {}
-    stack = [(hf_model, "", True)]
-    seen: set[tuple[int, bool]] = set()
-    while stack:
-        module, path, is_native = stack.pop()
-        if (id(module), is_native) in seen:
-            continue
-        seen.add((id(module), is_native))
-        (native if is_native else other).setdefault(id(module), path)
-        wrapper = any(a in module._modules for a in WRAPPER_ATTRS)
-        for name, child in reversed(list(module._modules.items())):
-            if child is not None:
-                keep = is_native and (not wrapper or name in WRAPPER_ATTRS)
-                stack.append((child, f"{path}.{name}" if path else name, keep))
-    return {**other, **native}
-
-
 def adapter_from_bridge(bridge, hf_model: nn.Module) -> ArchitectureAdapter:
     """Derive the :class:`ArchitectureAdapter` of ``hf_model`` from the bridge booted on it.
 
@@ -277,7 +255,7 @@ def adapter_from_bridge(bridge, hf_model: nn.Module) -> ArchitectureAdapter:
     blocks = getattr(bridge, "blocks", None)
     if not blocks:
         raise _refuse(model_type, "the bridge has no decoder blocks")
-    paths = _module_paths(hf_model)
+    paths = {i: path for i, (path, _) in module_paths(hf_model).items()}
     layer_paths = [paths.get(id(b)) for b in blocks]
     if layer_paths[0] is None or not layer_paths[0].endswith(".0"):
         raise _refuse(model_type, "its decoder blocks are not a module list of the HF model")

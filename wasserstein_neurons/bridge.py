@@ -43,6 +43,7 @@ __all__ = [
     "is_linear",
     "linear_features",
     "linear_weight",
+    "module_paths",
     "native_modules",
     "native_sdpa",
     "replace_linear",
@@ -80,6 +81,29 @@ def hf_model_of(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     raise TypeError(f"expected a LoadedModel or a transformers model, got {type(model).__name__}")
+
+
+def module_paths(root: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """id(module) → ``(path, module)`` for every module below ``root``, preferring a *native*
+    path: one that enters every TransformerLens wrapper through the module it wraps
+    (``_original_component``), so it also resolves while the wrappers are detached
+    (:func:`native_modules`) and, cleaned, is the module's HF state-dict name."""
+    native: dict[int, tuple[str, nn.Module]] = {}
+    other: dict[int, tuple[str, nn.Module]] = {}
+    stack = [(root, "", True)]
+    seen: set[tuple[int, bool]] = set()
+    while stack:
+        module, path, is_native = stack.pop()
+        if (id(module), is_native) in seen:
+            continue
+        seen.add((id(module), is_native))
+        (native if is_native else other).setdefault(id(module), (path, module))
+        wrapper = any(a in module._modules for a in WRAPPER_ATTRS)
+        for name, child in reversed(list(module._modules.items())):
+            if child is not None:
+                keep = is_native and (not wrapper or name in WRAPPER_ATTRS)
+                stack.append((child, f"{path}.{name}" if path else name, keep))
+    return {**other, **native}
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ See ``ARCHITECTURE.md`` for how the pruning driver and the expansion builder sit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -594,12 +595,14 @@ def sequential_layerwise(
         hidden, extras = _catch_inputs(hf, decoder[0], windows, slices, device, storage)
         wanted = set(chosen)
         bar = tqdm(range(chosen[-1] + 1), desc=desc, disable=not progress, leave=False)
+        weights = getattr(model, "offload", None)  # offloaded layers: pin the current one
         for index in bar:
-            ctx = LayerContext(model, index, decoder[index], hidden, extras, slices, device)
-            if index in wanted:
-                process_layer(ctx)
-            if index < chosen[-1]:
-                ctx._propagate()
+            with weights.resident(index) if weights is not None else nullcontext():
+                ctx = LayerContext(model, index, decoder[index], hidden, extras, slices, device)
+                if index in wanted:
+                    process_layer(ctx)
+                if index < chosen[-1]:
+                    ctx._propagate()
         bar.close()
     finally:
         hf.train(was_training)

@@ -44,6 +44,7 @@ from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
     cache_dir,
     embedded_model_dir,
 )
+from .offload import OFFLOAD_MODES, LayerOffload, OffloadError, load_skeleton
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -62,6 +63,7 @@ class LoadedModel:
     hf_model: nn.Module
     tokenizer: object
     adapter: ArchitectureAdapter
+    offload: LayerOffload | None = None
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +189,7 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     hf_model: nn.Module | None = None,
     tokenizer=None,
+    offload: str | None = None,
 ) -> LoadedModel:
     """Load ``name`` and wrap it in a TransformerLens bridge.
 
@@ -201,6 +204,11 @@ def load_model(
     hf_model, tokenizer:
         An already-built model and tokenizer (e.g. a tiny random model in tests); ``name`` is
         then only a label.
+    offload:
+        ``None`` (all weights on ``device``), ``"cpu"`` or ``"disk"``: decoder layers are
+        materialised on ``device`` one at a time while they run
+        (:mod:`~wasserstein_neurons.offload`); needs a local safetensors folder or the
+        embedded model.
 
     Returns
     -------
@@ -208,6 +216,9 @@ def load_model(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
+    check_offload(offload, hf_model)
+    if offload:
+        return _load_offloaded(name, device, dtype, offload)
     if hf_model is None:
         if name in EMBEDDED_MODELS:
             hf_model, tokenizer = _from_pretrained(str(embedded_model_dir(name)), dtype)
@@ -216,6 +227,13 @@ def load_model(
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with hf_model")
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    bridge, adapter = _bridge_and_adapter(name, hf_model, tokenizer, device)
+    return LoadedModel(
+        name=name, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter
+    )
+
+
+def _bridge_and_adapter(name: str, hf_model: nn.Module, tokenizer, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     bridge = boot_bridge(name, hf_model, tokenizer, device)
@@ -224,6 +242,50 @@ def load_model(
         adapter = adapter_from_bridge(bridge, hf_model)
     except UnsupportedArchitecture as err:
         raise ModelLoadError(str(err)) from None
+    return bridge, adapter
+
+
+def check_offload(offload: str | None, hf_model: nn.Module | None = None) -> None:
+    """``ValueError`` for an unknown offload mode, or offload of an already-built model."""
+    if offload in (None, "", "none"):
+        return
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload {offload!r}; valid: none, {', '.join(OFFLOAD_MODES)}")
+    if hf_model is not None:
+        raise ValueError("offload loads the weights itself: pass a model folder, not hf_model")
+
+
+def offload_folder(name: str) -> Path:
+    """The safetensors folder an offloaded ``name`` is read from (embedded or local)."""
+    if name in EMBEDDED_MODELS:
+        return embedded_model_dir(name)
+    local = Path(name).expanduser()
+    if not (local / "config.json").is_file():
+        raise ModelLoadError(
+            f"--offload reads a local model folder (config.json + safetensors shards); "
+            f"{name!r} is not one"
+        )
+    return local
+
+
+def _load_offloaded(name: str, device: torch.device, dtype: torch.dtype, mode: str) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    folder = offload_folder(name)
+    try:
+        hf_model, reader, layers_path = load_skeleton(folder, dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        bridge, adapter = _bridge_and_adapter(name, hf_model, tokenizer, device)
+        layers = adapter.decoder_layers(hf_model)
+        prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
+        offload = LayerOffload(layers, prefixes, reader, device, dtype, mode)
+    except (OffloadError, OSError) as err:
+        raise ModelLoadError(f"could not offload {name}: {err}") from None
     return LoadedModel(
-        name=name, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer, adapter=adapter
+        name=name,
+        bridge=bridge,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        offload=offload,
     )

@@ -1,0 +1,373 @@
+r"""Layer-wise offloaded execution: decoder-layer weights stay off the compute device until used.
+
+A model loaded with ``load_model(..., offload="disk" | "cpu")`` keeps its *non-layer* weights
+(embeddings, final norm, LM head) on the compute device, and every decoder layer's parameters
+as ``meta`` placeholders (shape and dtype, no storage).  A forward pre-hook on each HF decoder
+layer materialises that layer's weights on the device just before it runs, and a forward hook
+releases them after, so *any* forward — the bridged one with TransformerLens hooks (``rank``),
+the native HF one (perplexity), the layer loop (``prune``, ``expand``) — holds one decoder layer
+at a time.  Peak memory is then
+
+    non-layer weights + one decoder layer + activations,
+
+independent of depth.  Where the weights come from:
+
+* ``"disk"`` — the model folder's safetensors shards, read with plain positioned reads
+  (:class:`ShardReader`: no memory map, so pages of the shards are never counted in the
+  process's RSS; the OS page cache keeps re-reads fast).  A layer whose weights were edited
+  (pruning) is written to a scratch safetensors file and read from there afterwards.
+* ``"cpu"`` — host memory: every layer's tensors are loaded once into CPU RAM and copied to
+  the device (a GPU) when the layer runs; edits are copied back.  On a CPU device this only
+  adds the bookkeeping (the tensors are used in place).
+
+The layer loop (:func:`~wasserstein_neurons.layerwise.sequential_layerwise`) *pins* the layer
+it processes (:meth:`LayerOffload.resident`) so its weights stay materialised across the many
+batch forwards, the pruning step and the propagation, and are written back once at the end.
+Arithmetic is unchanged: a layer's weights are the same numbers in the same dtype whether they
+were resident all along or read back, so results equal the in-memory run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bridge import clean_module_path, module_paths, unwrap
+
+__all__ = ["OFFLOAD_MODES", "LayerOffload", "ShardReader", "OffloadError", "tensor_slots"]
+
+OFFLOAD_MODES = ("cpu", "disk")
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class OffloadError(ValueError):
+    """The model folder or the model cannot be offloaded (no shards, missing tensors ...)."""
+
+
+class ShardReader:
+    """Reads single tensors from a folder's safetensors shards with positioned reads.
+
+    ``model.safetensors.index.json`` (``weight_map``: name → shard) is used when present, else
+    every ``*.safetensors`` file's header.  Each header is parsed once (8-byte little-endian
+    length, then JSON ``{name: {dtype, shape, data_offsets}}``).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise OffloadError(f"offload needs safetensors shards; {self.folder} has none")
+        self._entries: dict[str, tuple[Path, int, str, list[int], int]] = {}
+        for path in files:
+            self.add_file(path)
+
+    def add_file(self, path: Path) -> None:
+        """Index ``path``'s tensors (later files win for the same name)."""
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            self._entries[name] = (path, 8 + n + start, info["dtype"], info["shape"], end - start)
+
+    def rename(self, rules: Sequence[tuple[str, str]]) -> None:
+        """Also index each tensor under the name ``transformers`` gives it when loading
+        (``rules``: regex → replacement, e.g. GPT-NeoX's ``^embed_out\\.`` → ``lm_head.``)."""
+        for name in list(self._entries):
+            new = name
+            for pattern, repl in rules:
+                new = re.sub(pattern, repl, new)
+            self._entries.setdefault(new, self._entries[name])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a new CPU tensor of its stored dtype."""
+        path, offset, dtype, shape, size = self._entries[name]
+        if dtype not in _DTYPES:
+            raise OffloadError(f"{path.name}: tensor {name} has unsupported dtype {dtype}")
+        out = torch.empty(shape, dtype=_DTYPES[dtype])
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(memoryview(buf)) != size:
+                    raise OffloadError(f"{path.name} is truncated (tensor {name})")
+        return out
+
+
+def tensor_slots(root: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """``(owner module, parameter name, state-dict name)`` of every parameter below ``root``:
+    each module once, named by its native path without wrapper levels (a fused QKV linear is
+    ``attn.c_attn``, not the bridge's ``attn.qkv``)."""
+    slots = []
+    for path, module in module_paths(root).values():
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.append((module, name, clean_module_path(f"{path}.{name}" if path else name)))
+    return slots
+
+
+def _split_parameters(layer: nn.Module) -> set[int]:
+    """ids of the parameters the bridge split off fused QKV projections (its ``q`` / ``k`` /
+    ``v`` linears): re-derived from the stored weights whenever the layer is loaded."""
+    found = set()
+    for module in layer.modules():
+        if hasattr(module, "split_qkv_matrix"):
+            for part in ("q", "k", "v"):
+                child = module._modules.get(part)
+                if child is not None:
+                    found.update(id(p) for p in unwrap(child).parameters())
+    return found
+
+
+def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-layer hooks
+# --------------------------------------------------------------------------------------------
+
+
+class LayerOffload:
+    """Materialises one decoder layer's weights on ``device`` while it runs (see module doc).
+
+    Parameters
+    ----------
+    layers : sequence of nn.Module
+        The decoder layers (bridge wrappers are unwrapped: hooks go on the HF layer, which both
+        the bridged and the native forward call).
+    prefixes : sequence of str
+        Each layer's state-dict prefix (``"model.layers.3."``).
+    reader : ShardReader
+        Where the weights are read from.
+    device, dtype :
+        Compute device and model dtype (stored tensors are cast on load).
+    mode : {"cpu", "disk"}
+    """
+
+    def __init__(self, layers, prefixes: Sequence[str], reader: ShardReader, device, dtype, mode):
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES} or None, got {mode!r}")
+        self.layers = [unwrap(m) for m in layers]
+        self.prefixes, self.reader = list(prefixes), reader
+        self.device, self.dtype, self.mode = torch.device(device), dtype, mode
+        self.host: dict[str, torch.Tensor] = {}
+        self._scratch: Path | None = None
+        self._resident: set[int] = set()
+        self._pinned: set[int] = set()
+        self._writes = 0
+        for index, layer in enumerate(self.layers):
+            self._check_and_place(index, layer)
+        self._handles = [h for i in range(len(self.layers)) for h in self._hook(i)]
+
+    def _check_and_place(self, index: int, layer: nn.Module) -> None:
+        """Sort the layer's parameters into *stored* ones (tensors of the shards) and *derived*
+        ones (views the bridge split off a stored one at boot, e.g. GPT-2's q / k / v of
+        ``c_attn``), then replace them all by placeholders."""
+        for module in layer.modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to(self.device)
+        derived = _split_parameters(layer)
+        for module, name, key in tensor_slots(layer):
+            full = self.prefixes[index] + key
+            p = module._parameters[name]
+            if full in self.reader:
+                if self.mode == "cpu":
+                    self.host[full] = self.reader.read(full).to(dtype=self.dtype)
+            elif id(p) not in derived:
+                raise OffloadError(
+                    f"cannot offload {full}: it is neither a tensor of the model's safetensors "
+                    "shards nor split from one by the bridge"
+                )
+            _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        if any(getattr(m, "fused_attr", None) for m in layer.modules()):
+            raise OffloadError("offloading a fused gate_up MLP (Phi-3) is not supported yet")
+
+    def _slots(self, index: int, stored: bool = True):
+        prefix = self.prefixes[index]
+        for module, name, key in tensor_slots(self.layers[index]):
+            known = prefix + key in self.host or prefix + key in self.reader
+            if known == stored:
+                yield module, name, prefix + key
+
+    def _resplit(self, index: int) -> None:
+        """Re-derive the bridge's split views (fused QKV) from the weights just loaded."""
+        for module in self.layers[index].modules():
+            if hasattr(module, "split_qkv_matrix"):
+                module.set_original_component(unwrap(module))
+
+    def _hook(self, index: int):
+        def before(module, args):
+            if index not in self._resident:
+                self.onload(index)
+
+        def after(module, args, output):
+            if index not in self._pinned:
+                self.release(index)
+
+        layer = self.layers[index]
+        return layer.register_forward_pre_hook(before), layer.register_forward_hook(after)
+
+    def onload(self, index: int) -> None:
+        """Put layer ``index``'s weights on the device."""
+        for module, name, key in self._slots(index):
+            if not module._parameters[name].is_meta:
+                continue
+            stored = self.host[key] if key in self.host else self.reader.read(key)
+            _put(module, name, stored.to(device=self.device, dtype=self.dtype))
+        self._resplit(index)
+        self._resident.add(index)
+
+    def release(self, index: int, write_back: bool = False) -> None:
+        """Replace layer ``index``'s weights by placeholders; ``write_back`` keeps their edits."""
+        edited = {}
+        for module, name, key in self._slots(index):
+            p = module._parameters[name]
+            if p.is_meta:
+                continue
+            if write_back:
+                edited[key] = p.data
+            _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        for module, name, _ in self._slots(index, stored=False):
+            p = module._parameters[name]
+            _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        if edited:
+            self._keep(edited)
+        self._resident.discard(index)
+
+    def _keep(self, edited: dict[str, torch.Tensor]) -> None:
+        if self.mode == "cpu":
+            for key, t in edited.items():
+                self.host[key] = t if t.device.type == "cpu" else t.to("cpu")
+            return
+        from safetensors.torch import save_file
+
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="wn-offload-"))
+        path = self._scratch / f"edited-{self._writes:05d}.safetensors"
+        self._writes += 1
+        save_file({k: t.detach().contiguous().cpu() for k, t in edited.items()}, str(path))
+        self.reader.add_file(path)
+
+    @contextmanager
+    def resident(self, index: int) -> Iterator[None]:
+        """Keep layer ``index`` materialised for the block; its edits are kept afterwards."""
+        self._pinned.add(index)
+        if index not in self._resident:
+            self.onload(index)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self._pinned.discard(index)
+            self.release(index, write_back=ok)
+
+    def close(self) -> None:
+        """Remove the hooks and the scratch folder (the model is unusable afterwards)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        if getattr(self, "_scratch", None) is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a model without its decoder layers
+# --------------------------------------------------------------------------------------------
+
+
+def decoder_list_path(hf: nn.Module) -> str:
+    """Path of the first ``nn.ModuleList`` of identical blocks (the decoder layers)."""
+    for path, module in hf.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and path:
+            if all(type(m) is type(module[0]) for m in module):
+                return path
+    raise OffloadError(f"{type(hf).__name__} has no list of decoder layers to offload")
+
+
+def _renamings(hf: nn.Module) -> list[tuple[str, str]]:
+    """The checkpoint → module key renamings ``transformers`` applies when loading ``hf``."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:  # pragma: no cover - transformers < 5 renames nothing for these models
+        return []
+    rules = []
+    for rule in get_model_conversion_mapping(hf):
+        if isinstance(rule, WeightRenaming):
+            targets = rule.target_patterns
+            for i, source in enumerate(rule.source_patterns):
+                rules.append((source, targets[min(i, len(targets) - 1)]))
+    return rules
+
+
+def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
+    """The HF model of ``folder`` with only its non-layer weights loaded (on ``device``).
+
+    Returns ``(hf_model, reader, layers_path)``; every decoder-layer parameter is a ``meta``
+    placeholder (buffers are real: they are built by the modules' constructors).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = ShardReader(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader.rename(_renamings(hf))
+    layers_path = decoder_list_path(hf)
+    missing = []
+    for module, name, key in tensor_slots(hf):
+        if key.startswith(layers_path + "."):
+            # readable but storage-free until LayerOffload takes over: the bridge may split
+            # fused projections at boot (views of a stride-0 zero)
+            shape = module._parameters[name].shape
+            _put(module, name, torch.zeros((), dtype=dtype, device=device).expand(shape))
+            continue
+        if key in reader:
+            _put(module, name, reader.read(key).to(device=device, dtype=dtype))
+        else:
+            missing.append(key)
+    hf.tie_weights()
+    still = [k for k in missing if hf.get_parameter(k).is_meta]
+    if still:
+        raise OffloadError(f"{folder}: the shards lack {', '.join(still[:3])}")
+    for module in hf.modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    return hf.eval(), reader, layers_path
