@@ -43,6 +43,12 @@ def _add_common(p: argparse.ArgumentParser, *, seqlen: int, default_out: str | N
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16")
+    p.add_argument(
+        "--offload",
+        default=None,
+        help="none (default), cpu or disk: keep decoder layers off --device and load one at a "
+        "time while it runs (for models larger than memory; needs a local safetensors folder)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--bos",

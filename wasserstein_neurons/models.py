@@ -216,7 +216,7 @@ def load_model(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
-    check_offload(offload, hf_model)
+    offload = check_offload(offload, hf_model)
     if offload:
         return _load_offloaded(name, device, dtype, offload)
     if hf_model is None:
@@ -245,14 +245,16 @@ def _bridge_and_adapter(name: str, hf_model: nn.Module, tokenizer, device: torch
     return bridge, adapter
 
 
-def check_offload(offload: str | None, hf_model: nn.Module | None = None) -> None:
-    """``ValueError`` for an unknown offload mode, or offload of an already-built model."""
+def check_offload(offload: str | None, hf_model: nn.Module | None = None) -> str | None:
+    """The offload mode (``None``, ``"cpu"``, ``"disk"``; ``"none"`` means ``None``), or a
+    ``ValueError`` for an unknown one or for offloading an already-built model."""
     if offload in (None, "", "none"):
-        return
+        return None
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload {offload!r}; valid: none, {', '.join(OFFLOAD_MODES)}")
     if hf_model is not None:
         raise ValueError("offload loads the weights itself: pass a model folder, not hf_model")
+    return offload
 
 
 def offload_folder(name: str) -> Path:

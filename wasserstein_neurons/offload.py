@@ -257,9 +257,11 @@ class LayerOffload:
             if write_back:
                 edited[key] = p.data
             _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        split = _split_parameters(self.layers[index])  # not modules added since (experts)
         for module, name, _ in self._slots(index, stored=False):
             p = module._parameters[name]
-            _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            if id(p) in split:
+                _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         if edited:
             self._keep(edited)
         self._resident.discard(index)
@@ -279,8 +281,9 @@ class LayerOffload:
         self.reader.add_file(path)
 
     @contextmanager
-    def resident(self, index: int) -> Iterator[None]:
-        """Keep layer ``index`` materialised for the block; its edits are kept afterwards."""
+    def resident(self, index: int, keep_edits: bool = True) -> Iterator[None]:
+        """Keep layer ``index`` materialised for the block; with ``keep_edits`` its weights
+        are kept (written back) afterwards, as they are when the block ends normally."""
         self._pinned.add(index)
         if index not in self._resident:
             self.onload(index)
@@ -290,7 +293,7 @@ class LayerOffload:
             ok = True
         finally:
             self._pinned.discard(index)
-            self.release(index, write_back=ok)
+            self.release(index, write_back=ok and keep_edits)
 
     def close(self) -> None:
         """Remove the hooks and the scratch folder (the model is unusable afterwards)."""

@@ -57,7 +57,7 @@ _VERSIONED = (
 #: Settings that never change a run's numbers (beyond float rounding): a resume may change
 #: them freely, and may finish under another engine what one engine started.
 NON_DEFINING = frozenset(
-    {"out", "overwrite", "resume", "batch_size", "save"}
+    {"out", "overwrite", "resume", "batch_size", "save", "offload"}
     | {"engine", "ray_address", "trial_cpus", "trial_gpus"}
 )
 _REPLACED = "replaced"

@@ -11,6 +11,7 @@ r"""Per-token FLOPs, stored parameters and bytes of MLP linears (plain or expand
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 
 from torch import Tensor, nn
 
@@ -21,10 +22,19 @@ __all__ = ["expanded_modules", "linear_costs", "mlp_cost"]
 
 def _mlp_linears(model) -> Iterator[tuple[int, str, nn.Module]]:
     """``(layer, role, module)`` of every MLP linear of ``model``, layer by layer."""
+    for layer, modules in _layer_linears(model):
+        for role, module in modules.items():
+            yield layer, role, module
+
+
+def _layer_linears(model) -> Iterator[tuple[int, dict[str, nn.Module]]]:
+    """``(layer, {role: module})`` per layer; an offloaded layer is materialised while the
+    caller handles it (without keeping anything: costs only read the weights)."""
     adapter, hf = model.adapter, model.hf_model
+    weights = getattr(model, "offload", None)
     for layer in range(adapter.n_layers):
-        for role in adapter.roles:
-            yield layer, role, adapter.linear(hf, layer, role)
+        with weights.resident(layer, keep_edits=False) if weights else nullcontext():
+            yield layer, {role: adapter.linear(hf, layer, role) for role in adapter.roles}
 
 
 def _nnz(t: Tensor | None) -> int:
@@ -40,15 +50,18 @@ def _plain_cost(module: nn.Module) -> tuple[int, float, int]:
     return params, 2.0 * nnz, nbytes
 
 
-def linear_costs(modules: Iterable[nn.Module]) -> Iterator[tuple[int, float, int]]:
+def linear_costs(
+    modules: Iterable[nn.Module], seen: set[int] | None = None
+) -> Iterator[tuple[int, float, int]]:
     """``(params, flops_per_token, nbytes)`` of each MLP linear, plain or expanded.
 
     A plain linear costs :func:`_plain_cost`; an :class:`ExpertRoutedLinear` its
     :meth:`~ExpertRoutedLinear.num_parameters`, :meth:`~ExpertRoutedLinear.flops_per_token`
     and :meth:`~ExpertRoutedLinear.nbytes`, its router included only at the first module
-    that uses that router object (Llama gate/up share one).
+    that uses that router object (Llama gate/up share one; ``seen`` holds the ids of routers
+    already counted, across calls).
     """
-    seen: set[int] = set()
+    seen: set[int] = set() if seen is None else seen
     for module in modules:
         if not isinstance(module, ExpertRoutedLinear):
             yield _plain_cost(module)
@@ -95,17 +108,18 @@ def mlp_cost(model) -> dict[str, float]:
         ``flops_per_token``, ``params`` (nonzero weights + biases + routers), ``nbytes``
         (actual storage) and ``dense_params`` (weights + biases of the dense MLP linears).
     """
-    modules = [module for _, _, module in _mlp_linears(model)]
     flops = 0.0
-    params = 0
-    nbytes = 0
-    for p, f, b in linear_costs(modules):
-        params += p
-        flops += f
-        nbytes += b
+    params = nbytes = dense = 0
+    seen: set[int] = set()
+    for _, modules in _layer_linears(model):
+        for p, f, b in linear_costs(modules.values(), seen):
+            params += p
+            flops += f
+            nbytes += b
+        dense += sum(_dense_params(m) for m in modules.values())
     return {
         "flops_per_token": flops,
         "params": int(params),
         "nbytes": int(nbytes),
-        "dense_params": int(sum(_dense_params(m) for m in modules)),
+        "dense_params": int(dense),
     }

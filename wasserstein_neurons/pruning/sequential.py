@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import pandas as pd
@@ -314,8 +315,10 @@ def _prune_without_data(model, get_spec, targets, layers, group_pruner, records)
     inputs nobody reads).
     """
     pruner = group_pruner(model.device)
+    weights = getattr(model, "offload", None)  # an offloaded layer is loaded while it is pruned
     for index in resolve_layers(layers, model.adapter.n_layers):
-        for name, module in resolve_targets(model, index, targets).items():
-            spec = get_spec(index, name)
-            if spec is not None:
-                records.append(pruner.prune(index, name, module, spec))
+        with weights.resident(index) if weights is not None else nullcontext():
+            for name, module in resolve_targets(model, index, targets).items():
+                spec = get_spec(index, name)
+                if spec is not None:
+                    records.append(pruner.prune(index, name, module, spec))

@@ -39,6 +39,7 @@ from ..models import (
     DEFAULT_MODEL,
     LoadedModel,
     check_context,
+    check_offload,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -82,6 +83,7 @@ class ModelSettings:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"
+    offload: str | None = None
     bos: bool = False
 
     def validate_model(self) -> None:
@@ -93,12 +95,23 @@ class ModelSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        check_offload(self.offload)
+
+    def refuse_offload(self, what: str) -> None:
+        """``ValueError`` when ``--offload`` is asked of a path that does not run layer by
+        layer yet (``what``: the command or option)."""
+        if check_offload(self.offload):
+            raise ValueError(
+                f"--offload is not supported by {what} yet; rank, eval, prune and expand support it"
+            )
 
     def load(self, model: LoadedModel | None = None) -> LoadedModel:
         """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
         settings' model, device and dtype; either way ``seqlen`` must fit the model's
         context (:func:`~wasserstein_neurons.models.check_context`)."""
-        model = model or load_model(self.model, device=self.device, dtype=self.dtype)
+        model = model or load_model(
+            self.model, device=self.device, dtype=self.dtype, offload=self.offload
+        )
         check_context(model, self.seqlen)
         return model
 

@@ -135,6 +135,7 @@ class DisentangleConfig(PositionSettings, SparsitySettings, CalibrationSettings,
         """Raise ``ValueError`` for settings that cannot work (before any model is loaded)."""
         self.spec()
         resolve_experts(self.experts)
+        self.refuse_offload("disentangle")
         check_percent(self.top_percent)
         self.validate_eval()
         self.validate_calibration()

@@ -63,6 +63,8 @@ class PruneConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         if self.targets not in ("mlp", "all"):
             raise ValueError(f"unknown targets {self.targets!r}; valid: mlp, all")
         self.validate_eval()
+        if self.save:
+            self.refuse_offload("prune --save")
 
 
 def run_prune(cfg: PruneConfig, model=None, progress: bool = True) -> dict:

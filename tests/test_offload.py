@@ -1,0 +1,132 @@
+"""Layer-wise offloaded execution (``load_model(..., offload="cpu" | "disk")``): one decoder
+layer materialised at a time, and every result equal to the in-memory run bit for bit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_config, make_tokenizer
+
+from wasserstein_neurons.evaluate import perplexity
+from wasserstein_neurons.models import ModelLoadError, load_model
+from wasserstein_neurons.pruning import sequential_prune
+from wasserstein_neurons.workflows import (
+    AblateConfig,
+    ExpandConfig,
+    RankConfig,
+    run_expand,
+    run_rank,
+)
+
+FAMILIES = ("llama", "gpt_neox", "gpt2")  # gated; fused QKV split by the bridge; Conv1D + QKV
+TIMING = ("seconds", "time", "build_", "eval_s")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tok = make_tokenizer()
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(f"offload-{family}")
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_config(make_config(family, len(tok))).save_pretrained(path)
+        tok.save_pretrained(path)
+        out[family] = path
+    return out
+
+
+def windows(n=4, seed=0):
+    return torch.randint(0, 300, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def layer_weights(model) -> dict[tuple[int, str], torch.Tensor]:
+    """Every MLP weight (materialising offloaded layers one at a time)."""
+    out, adapter = {}, model.adapter
+    for layer in range(adapter.n_layers):
+        ctx = model.offload.resident(layer, keep_edits=False) if model.offload else None
+        with ctx if ctx is not None else torch.no_grad():
+            for role in adapter.roles:
+                out[layer, role] = adapter.weight(model.hf_model, layer, role).clone()
+    return out
+
+
+def layer_params_are_placeholders(model) -> bool:
+    layers = model.adapter.decoder_layers(model.hf_model)
+    return all(p.is_meta for layer in layers for p in layer.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["disk", "cpu"])
+def test_offloaded_prune_equals_in_memory(folders, family, mode):
+    ids = windows()
+    results = {}
+    for offload in (None, mode):
+        model = load_model(str(folders[family]), offload=offload)
+        if offload:
+            assert layer_params_are_placeholders(model)
+        with torch.no_grad():
+            logits = model.bridge(ids[:2])
+        before = perplexity(model, ids, progress=False).perplexity
+        sequential_prune(model, ids, "sparsegpt", 0.5, batch_size=2, progress=False)
+        after = perplexity(model, ids, progress=False).perplexity
+        if offload:
+            assert layer_params_are_placeholders(model)  # nothing left resident
+        results[offload] = (logits, before, after, layer_weights(model))
+    ref, got = results[None], results[mode]
+    assert torch.equal(ref[0], got[0])
+    assert ref[1] == got[1] and ref[2] == got[2] and ref[2] != ref[1]
+    for key, w in ref[3].items():
+        assert torch.equal(w, got[3][key]), key
+        assert (w == 0).float().mean() == 0.5
+
+
+def test_disk_offload_keeps_edits_in_a_scratch_file_removed_on_close(folders):
+    model = load_model(str(folders["llama"]), offload="disk")
+    sequential_prune(model, windows(), "magnitude", 0.5, progress=False)
+    scratch = model.offload._scratch
+    assert scratch is not None and len(list(scratch.glob("*.safetensors"))) == 2
+    model.offload.close()
+    assert not scratch.exists()
+
+
+def _table(path, name):
+    table = pd.read_csv(path / f"{name}.csv")
+    return table[[c for c in table.columns if not any(t in c for t in TIMING)]]
+
+
+def test_rank_and_expand_workflows_equal_with_offload(folders, corpus, tmp_path):
+    base = dict(model=str(folders["llama"]), dataset=str(corpus), seqlen=32)
+    for offload in (None, "disk"):
+        run_rank(
+            RankConfig(out=str(tmp_path / f"rank-{offload}"), tokens=512, offload=offload, **base),
+            progress=False,
+        )
+        cfg = ExpandConfig(
+            out=str(tmp_path / f"expand-{offload}"),
+            experts=2,
+            sparsity=0.5,
+            nsamples=8,
+            eval_tokens=512,
+            offload=offload,
+            **base,
+        )
+        run_expand(cfg, progress=False)
+    for run, name in (("rank", "neurons"), ("expand", "results"), ("expand", "layers")):
+        pd.testing.assert_frame_equal(
+            _table(tmp_path / f"{run}-None", name), _table(tmp_path / f"{run}-disk", name)
+        )
+
+
+def test_offload_errors_are_clear(folders, tmp_path):
+    with pytest.raises(ValueError, match="unknown offload 'tape'"):
+        load_model(str(folders["llama"]), offload="tape")
+    (tmp_path / "config.json").write_text((folders["llama"] / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_model(str(tmp_path), offload="disk")
+    with pytest.raises(ModelLoadError, match="local model folder"):
+        load_model("no-such-org/no-such-model", offload="disk")
+    with pytest.raises(ValueError, match="not supported by ablate"):
+        AblateConfig(offload="disk").validate()
