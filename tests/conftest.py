@@ -12,6 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped (and reported as skipped) without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run experiments/gpu_check.py on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Neurons in language models respond to "
     "tokens; some respond to many unrelated contexts. Wasserstein distances measure how far "

@@ -130,3 +130,21 @@ def test_offload_errors_are_clear(folders, tmp_path):
         load_model("no-such-org/no-such-model", offload="disk")
     with pytest.raises(ValueError, match="not supported by ablate"):
         AblateConfig(offload="disk").validate()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["cpu", "disk"])
+def test_offload_to_a_gpu_equals_the_model_on_the_gpu(folders, mode):
+    """One layer on the GPU at a time gives the weights and perplexity of the whole model
+    on the GPU."""
+    ids = windows()
+    results = {}
+    for offload in (None, mode):
+        model = load_model(str(folders["llama"]), device="cuda", offload=offload)
+        assert model.device.type == "cuda"
+        sequential_prune(model, ids, "sparsegpt", 0.5, batch_size=2, progress=False)
+        ppl = perplexity(model, ids, progress=False).perplexity
+        results[offload] = (ppl, {k: w.cpu() for k, w in layer_weights(model).items()})
+    assert results[None][0] == results[mode][0]
+    for key, w in results[None][1].items():
+        assert torch.equal(w, results[mode][1][key]), key

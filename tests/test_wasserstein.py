@@ -156,7 +156,7 @@ def test_torch_kernel_matches_numpy_path():
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, equal_nan=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     x = neuron_zoo(4000, np.random.default_rng(3)).astype(np.float32)
     cpu = wasserstein_to_gaussian(x).numpy()

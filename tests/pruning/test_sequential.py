@@ -306,7 +306,7 @@ def test_bad_arguments(tiny_llama):
         sequential_prune(tiny_llama, windows(), "wanda", "half", progress=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("offload", [False, True])
 def test_cuda_matches_cpu(offload):
     ids = windows()
