@@ -32,6 +32,9 @@ def world(tmp_path_factory, tiny_dir, corpus):
     for f in Path(tiny_dir).iterdir():
         if f.name in ("config.json", "model.safetensors", "generation_config.json"):
             (no_tok / f.name).write_bytes(f.read_bytes())
+    no_shards = root / "no_shards"
+    no_shards.mkdir()
+    (no_shards / "config.json").write_bytes((Path(tiny_dir) / "config.json").read_bytes())
     bad_cfg = root / "bad_config"
     bad_cfg.mkdir()
     for f in Path(tiny_dir).iterdir():
@@ -87,6 +90,23 @@ CASES = [
         lambda w, r: _args(w, "rank", r("new"), model=str(w["root"] / "mixtral")),
         "'mixtral' is mapped by TransformerLens but has no dense MLP neurons here: its MLP is "
         "a mixture of experts",
+    ),
+    (
+        "offload of a folder without safetensors",
+        lambda w, r: _args(
+            w, "rank", r("new"), "--offload", "disk", model=str(w["root"] / "no_shards")
+        ),
+        "offload needs safetensors shards",
+    ),
+    (
+        "unknown offload mode",
+        lambda w, r: _args(w, "prune", r("new"), "--offload", "tape"),
+        "unknown offload 'tape'; valid: none, cpu, disk",
+    ),
+    (
+        "offload where it is not supported",
+        lambda w, r: _args(w, "disentangle", r("new"), "--offload", "disk"),
+        "--offload is not supported by disentangle yet",
     ),
     (
         "architecture the bridge does not map",
