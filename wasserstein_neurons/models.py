@@ -318,9 +318,10 @@ def load_model(
         The model then *computes* in that dtype on every device, CPU included: nothing is
         upcast to float32 behind the user's back, so a bfloat16 run measures the bfloat16
         model a GPU would run (torch's CPU bfloat16 / float16 matmuls accumulate in float32,
-        as GPU ones do).  On a CPU with AMX / AVX512-BF16 it is also the fast choice (the
-        embedded model's forward: 0.84 s in bfloat16, 2.6 s in float16, 3.2 s in float32, one
-        thread); on an older CPU bfloat16 is emulated and slower than float32 -- pass
+        as GPU ones do).  On a CPU with AMX / AVX512-BF16 bfloat16 is also the fast choice (the
+        embedded model on 4 x 512 tokens, one thread, sdpa / bridged: 1.9 / 4.5 s in bfloat16,
+        8.2 / 9.8 s in float32, 9.2 / 11.6 s in float16, ``experiments/bf16_agreement.py``);
+        on a CPU without bfloat16 instructions it is emulated and slower than float32 -- pass
         ``float32`` there.  The numerically delicate steps upcast on their own whatever the
         model dtype: SparseGPT Hessians (float32), Wanda norms and Wasserstein statistics
         (float64), the NLL of perplexity (float32 log-softmax, float64 sum), the Sparse
