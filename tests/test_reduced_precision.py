@@ -249,8 +249,9 @@ def test_half_model_disagreements_still_fall_back(dtype):
 
 @pytest.fixture(scope="module")
 def cli_runs(tiny_dir, corpus, tmp_path_factory):
-    """``rank`` in float32, and ``rank`` / ``prune --save`` / ``expand --save`` in bfloat16
-    and float16, on the tiny Llama folder (float32 on disk)."""
+    """``rank`` in float32, ``rank`` / ``prune --save`` / ``expand --save`` in bfloat16 and
+    float16, ``ablate`` and ``disentangle`` in bfloat16, on the tiny Llama folder (float32 on
+    disk)."""
     root = tmp_path_factory.mktemp("dtype-cli")
     base = ["--model", str(tiny_dir), "--dataset", str(corpus), "--seqlen", "32"]
     base += ["--no-progress"]
@@ -263,6 +264,11 @@ def cli_runs(tiny_dir, corpus, tmp_path_factory):
             ("prune", dtype, [*small, "--save", str(root / f"pruned-{dtype}")]),
             ("expand", dtype, [*small, "--experts", "2", "--save", str(root / f"se-{dtype}")]),
         ]
+    ablate = ["--mode", "weights,threshold", "--seeds", "1", "--neuron-sparsity", "0.9"]
+    runs += [
+        ("ablate", "bfloat16", [*small, *ablate]),
+        ("disentangle", "bfloat16", [*small, "--layer", "1", "--experts", "1,2"]),
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few calibration tokens per expert
         for command, dtype, extra in runs:
@@ -317,3 +323,13 @@ def test_cli_expand_in_half_precision(cli_runs, dtype):
     assert router and {floats[k] for k in router} == {"torch.float32"}  # routing in float32
     experts = set(floats) - router
     assert experts and {floats[k] for k in experts} == {f"torch.{dtype}"}  # model dtype
+
+
+def test_cli_ablate_and_disentangle_in_bf16(cli_runs):
+    root, codes = cli_runs
+    assert codes["ablate", "bfloat16"] == 0 and codes["disentangle", "bfloat16"] == 0
+    table = pd.read_csv(root / "ablate-bfloat16" / "ablation.csv")
+    assert {"weights", "threshold"} <= set(table["mode"])
+    assert np.isfinite(table["perplexity"]).all() and (table["perplexity"] > 1).all()
+    per_k = pd.read_csv(root / "disentangle-bfloat16" / "per_k.csv")
+    assert per_k["experts"].tolist() == [1, 2] and np.isfinite(per_k["layer_err"]).all()
