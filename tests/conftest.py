@@ -96,8 +96,11 @@ def make_config(family: str, vocab_size: int, n_layers: int = 2):
     raise ValueError(family)
 
 
-def make_tiny_model(family: str = "llama", seed: int = 0, device: str = "cpu"):
-    """A ``LoadedModel`` around a tiny random HF model of ``family`` (no downloads)."""
+def make_tiny_model(family: str = "llama", seed: int = 0, device: str = "cpu", dtype="float32"):
+    """A ``LoadedModel`` around a tiny random HF model of ``family`` (no downloads).
+
+    The random weights are drawn in float32 whatever ``dtype`` is, so the same ``seed`` gives
+    the same model in every dtype (up to the rounding of its parameters)."""
     from transformers import AutoModelForCausalLM
 
     from wasserstein_neurons.models import load_model
@@ -105,7 +108,9 @@ def make_tiny_model(family: str = "llama", seed: int = 0, device: str = "cpu"):
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(make_config(family, len(tokenizer)))
-    return load_model(f"tiny-{family}", device=device, hf_model=hf, tokenizer=tokenizer)
+    return load_model(
+        f"tiny-{family}", device=device, dtype=dtype, hf_model=hf, tokenizer=tokenizer
+    )
 
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")

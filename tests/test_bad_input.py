@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from wasserstein_neurons.cli import main
 
@@ -135,6 +136,21 @@ CASES = [
         "is a file",
     ),
     (
+        "device cuda without CUDA",  # every case runs with torch.cuda.is_available() False
+        lambda w, r: _args(w, "rank", r("new"), "--device", "cuda"),
+        "device 'cuda' requested but torch sees no CUDA device",
+    ),
+    (
+        "device cuda:1 without CUDA",
+        lambda w, r: _args(w, "prune", r("new"), "--device", "cuda:1", "--dtype", "bfloat16"),
+        "device 'cuda' requested but torch sees no CUDA device",
+    ),
+    (
+        "dtype float8",
+        lambda w, r: _args(w, "expand", r("new"), "--dtype", "float8"),
+        "unknown dtype 'float8'",
+    ),
+    (
         "device tpu9",
         lambda w, r: _args(w, "rank", r("new"), "--device", "tpu9"),
         "unknown device 'tpu9'",
@@ -260,7 +276,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("argv, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_one_error_line(world, capsys, argv, words):
+def test_one_error_line(world, capsys, monkeypatch, argv, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
     root = world["root"]
     before = _files(root)
     names = {p.name for p in root.iterdir()}

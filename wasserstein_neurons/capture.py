@@ -14,6 +14,17 @@ Store layout (``store_dir``)::
                         tokens.reshape(-1)[t])
     <hook name>.npy     [n_tokens, d] float16 or float32, row t = token t
 
+Precision
+---------
+Whatever the model's dtype, activations go to the store through a float32 copy. A float16
+store holds a bfloat16 model's activations exactly (bfloat16's 8 significant bits fit in
+float16's 11) but not its range: a value beyond float16's largest (65504) would be stored as
+``inf`` and make that neuron's distance NaN. Capture therefore refuses, with a
+``ValueError`` naming the hook, activations that do not fit the store (``--store-dtype
+float32`` keeps them) and activations that are NaN or inf already (the model overflowed, e.g.
+a float16 model). Statistics are computed from the store in float32 / float64
+(:mod:`wasserstein_neurons.wasserstein`).
+
 Token positions
 ---------------
 Row ``t`` is position ``t % seqlen`` of window ``t // seqlen``; whether it is a special token
@@ -49,6 +60,7 @@ from .positions import RowSelection, select_rows, special_token_ids
 DEFAULT_HOOKS = ("blocks.*.mlp.hook_pre",)
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+_STORE_MAX = {np.float16: float(np.finfo(np.float16).max), np.float32: float("inf")}
 
 
 class StoreExistsError(FileExistsError):
@@ -303,7 +315,9 @@ def capture_activations(
                 writers[name] = _NpyStreamWriter(
                     store_dir / _file_name(name), n_tokens, flat.shape[1], np_dtype
                 )
-            writers[name].write(flat.to(torch.float32).cpu().numpy())
+            chunk = flat.to(torch.float32).cpu().numpy()
+            _check_range(name, chunk, np_dtype)
+            writers[name].write(chunk)
 
         return fn
 
@@ -369,6 +383,25 @@ def run_hooked(
         batch = windows[start : start + batch_size].to(model.device)
         model.bridge.run_with_hooks(
             batch, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop
+        )
+
+
+def _check_range(name: str, chunk: np.ndarray, np_dtype) -> None:
+    """``ValueError`` when ``chunk`` (float32 activations of hook ``name``) holds NaN / inf
+    or values beyond what the store's ``np_dtype`` can hold (see the module docstring)."""
+    if chunk.size == 0:
+        return
+    lo, hi = float(chunk.min()), float(chunk.max())  # NaN when any value is NaN
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(
+            f"{name}: the model's activations hold NaN or inf values (a float16 model "
+            "overflowing? try --dtype bfloat16 or float32)"
+        )
+    peak = max(-lo, hi)
+    if peak > _STORE_MAX[np_dtype]:
+        raise ValueError(
+            f"{name}: activations up to {peak:.6g} do not fit the float16 activation store "
+            f"(largest {_STORE_MAX[np_dtype]:g}); use --store-dtype float32"
         )
 
 

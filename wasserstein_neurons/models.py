@@ -201,6 +201,18 @@ def load_model(
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``None``/``"auto"``.
     dtype:
         Parameter dtype (``torch.float32`` by default; ``"float16"``/``"bfloat16"`` accepted).
+        The model then *computes* in that dtype on every device, CPU included: nothing is
+        upcast to float32 behind the user's back, so a bfloat16 run measures the bfloat16
+        model a GPU would run (torch's CPU bfloat16 / float16 matmuls accumulate in float32,
+        as GPU ones do).  On a CPU with AMX / AVX512-BF16 bfloat16 is also the fast choice (the
+        embedded model on 4 x 512 tokens, one thread, sdpa / bridged: 1.9 / 4.5 s in bfloat16,
+        8.2 / 9.8 s in float32, 9.2 / 11.6 s in float16, ``experiments/bf16_agreement.py``);
+        on a CPU without bfloat16 instructions it is emulated and slower than float32 -- pass
+        ``float32`` there.  The numerically delicate steps upcast on their own whatever the
+        model dtype: SparseGPT Hessians (float32), Wanda norms and Wasserstein statistics
+        (float64), the NLL of perplexity (float32 log-softmax, float64 sum), the Sparse
+        Expansion router (float32 PCA / k-means); weights written back (pruned rows,
+        experts) are stored in the model dtype.
     hf_model, tokenizer:
         An already-built model and tokenizer (e.g. a tiny random model in tests); ``name`` is
         then only a label.
