@@ -18,6 +18,7 @@ from wasserstein_neurons.workflows import (
     run_expand,
     run_rank,
 )
+from wasserstein_neurons.workflows.prune import save_pruned
 
 FAMILIES = ("llama", "gpt_neox", "gpt2")  # gated; fused QKV split by the bridge; Conv1D + QKV
 TIMING = ("seconds", "time", "build_", "eval_s")
@@ -90,6 +91,22 @@ def test_disk_offload_keeps_edits_in_a_scratch_file_removed_on_close(folders):
     assert scratch is not None and len(list(scratch.glob("*.safetensors"))) == 2
     model.offload.close()
     assert not scratch.exists()
+
+
+def test_offloaded_prune_saves_a_loadable_folder(folders, tmp_path):
+    ids, saved = windows(), {}
+    for offload in (None, "disk"):
+        model = load_model(str(folders["gpt_neox"]), offload=offload)
+        sequential_prune(model, ids, "sparsegpt", 0.5, batch_size=2, progress=False)
+        save_pruned(model, tmp_path / str(offload))
+        saved[offload] = load_model(str(tmp_path / str(offload)))
+    a, b = saved[None], saved["disk"]
+    for key, w in layer_weights(a).items():
+        assert torch.equal(w, layer_weights(b)[key]), key
+    assert (
+        perplexity(a, ids, progress=False).perplexity
+        == perplexity(b, ids, progress=False).perplexity
+    )
 
 
 def _table(path, name):

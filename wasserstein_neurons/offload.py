@@ -374,3 +374,40 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
             if b is not None:
                 module._buffers[name] = b.to(device)
     return hf.eval(), reader, layers_path
+
+
+def save_offloaded(hf: nn.Module, weights: LayerOffload, folder: str | Path) -> Path:
+    """Write an offloaded model (with its edits) as a sharded safetensors folder, one decoder
+    layer in memory at a time: ``layers-NNNNN.safetensors`` per layer, ``rest.safetensors``
+    for the non-layer weights, and ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+
+    def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()},
+                  str(folder / name), metadata={"format": "pt"})  # fmt: skip
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    for index in range(len(weights.layers)):
+        with weights.resident(index, keep_edits=False):
+            write(f"layers-{index:05d}.safetensors", {
+                key: module._parameters[name] for module, name, key in weights._slots(index)
+            })  # fmt: skip
+    tied = {id(p) for p in hf.get_input_embeddings().parameters()}
+    rest = {}
+    for module, name, key in tensor_slots(hf):
+        p = module._parameters[name]
+        if (
+            not p.is_meta
+            and key not in weight_map
+            and not (key.startswith("lm_head") and id(p) in tied)
+        ):
+            rest[key] = p
+    write("rest.safetensors", rest)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    hf.config.save_pretrained(folder)
+    return folder

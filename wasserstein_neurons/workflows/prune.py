@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..evaluate import perplexity
+from ..offload import save_offloaded
 from ..pruning import check_method, sequential_prune
 from ..runs import check_save_folder, save_table
 from .common import (
@@ -63,8 +64,6 @@ class PruneConfig(SparsitySettings, CalibrationSettings, EvalSettings):
         if self.targets not in ("mlp", "all"):
             raise ValueError(f"unknown targets {self.targets!r}; valid: mlp, all")
         self.validate_eval()
-        if self.save:
-            self.refuse_offload("prune --save")
 
 
 def run_prune(cfg: PruneConfig, model=None, progress: bool = True) -> dict:
@@ -125,6 +124,10 @@ def save_pruned(model, path: str | Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if getattr(model, "offload", None) is not None:  # one layer in memory at a time
+        save_offloaded(model.hf_model, model.offload, path)
+        model.tokenizer.save_pretrained(path)
+        return path
     clean = AutoModelForCausalLM.from_config(model.hf_model.config)
     state = {
         k.replace("._original_component", ""): v for k, v in model.hf_model.state_dict().items()
