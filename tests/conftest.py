@@ -116,6 +116,16 @@ def make_tiny_model(family: str = "llama", seed: int = 0, device: str = "cpu", d
 FAMILIES = ("llama", "gpt_neox", "gpt2")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: tiny models gain nothing from threads, and SparseGPT's
+    rounding depends on the count (bit-exact comparisons need the same one)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_model(request):
     return make_tiny_model(request.param)

@@ -33,6 +33,7 @@ from wasserstein_neurons.pruning import sequential_prune
 from wasserstein_neurons.workflows import RankConfig, run_rank
 
 D, D_MLP, LAYERS, SEQLEN = 64, 128, 2, 16
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 _SIZES = dict(
     hidden_size=D,
@@ -98,14 +99,6 @@ def assert_bridge_matches_hf(model, ids):
     with torch.no_grad():
         bridged = model.bridge(ids)
     torch.testing.assert_close(bridged, native_logits(model, ids), rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(params=TESTED_MODEL_TYPES)

@@ -8,12 +8,8 @@ and a direct library call need the same count; tiny models gain nothing from mor
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every workflow test: ``one_thread`` (tests/conftest.py)."""
