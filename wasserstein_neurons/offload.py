@@ -29,6 +29,7 @@ were resident all along or read back, so results equal the in-memory run bit for
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import shutil
@@ -147,6 +148,22 @@ def _split_parameters(layer: nn.Module) -> set[int]:
     return found
 
 
+def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own memory map
+    (``mallopt(M_MMAP_THRESHOLD)``), so a released layer's weights go back to the OS at once.
+
+    glibc's default *dynamic* threshold rises to the size of the last freed mapping (up to
+    32 MiB), after which layer-sized tensors come from the heap and are not returned: measured
+    on a 1.1B Llama, RSS then grew by ~0.7 GB per offloaded forward; with a fixed 1 MiB
+    threshold it stays flat.  Returns whether it was applied (False off glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+
+
 def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
@@ -184,6 +201,7 @@ class LayerOffload:
         self._resident: set[int] = set()
         self._pinned: set[int] = set()
         self._writes = 0
+        mmap_large_allocations()
         for index, layer in enumerate(self.layers):
             self._check_and_place(index, layer)
         self._handles = [h for i in range(len(self.layers)) for h in self._hook(i)]
