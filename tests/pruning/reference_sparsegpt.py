@@ -102,8 +102,16 @@ def sparsegpt_reference_torch(
     blocksize: int = 128,
     percdamp: float = 0.01,
     counts: str = "floor",
+    select: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same algorithm, vectorised over rows in torch float32 with lazy block updates."""
+    """The same algorithm, vectorised over rows in torch float32 with lazy block updates.
+
+    ``select="exact"`` marks the ``k`` lowest saliencies of the block (stable sort, as
+    :func:`sparsegpt_reference`); ``select="threshold"`` selects the way ``fasterprune`` does
+    (sorted values, ``score <= sorted[k]``: at least ``k + 1`` weights), for timing.
+    """
+    if select not in ("exact", "threshold"):
+        raise ValueError(f"select must be 'exact' or 'threshold', got {select!r}")
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(torch.float32).clone()
     rows, ncols = W.shape
@@ -121,10 +129,13 @@ def sparsegpt_reference_torch(
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
         score = W1.square() / d.square()
-        idx = torch.sort(score.reshape(-1), stable=True).indices[: ks[b]]
-        mask1 = torch.zeros(score.numel(), dtype=torch.bool)
-        mask1[idx] = True
-        mask1 = mask1.view(score.shape)
+        if select == "threshold":
+            mask1 = score <= torch.sort(score.reshape(-1))[0][ks[b]]
+        else:
+            idx = torch.sort(score.reshape(-1), stable=True).indices[: ks[b]]
+            mask1 = torch.zeros(score.numel(), dtype=torch.bool)
+            mask1[idx] = True
+            mask1 = mask1.view(score.shape)
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
