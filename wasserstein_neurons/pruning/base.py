@@ -91,7 +91,7 @@ def lowest_k_mask_per_row(scores: Tensor, k: int) -> Tensor:
 
 
 def lowest_k_mask(scores: Tensor, k: int) -> Tensor:
-    """Mark the ``k`` lowest scores of the whole tensor.
+    r"""Mark the ``k`` lowest scores of the whole tensor.
 
     Parameters
     ----------
