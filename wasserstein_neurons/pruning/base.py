@@ -91,7 +91,7 @@ def lowest_k_mask_per_row(scores: Tensor, k: int) -> Tensor:
 
 
 def lowest_k_mask(scores: Tensor, k: int) -> Tensor:
-    """Mark the ``k`` lowest scores of the whole tensor.
+    r"""Mark the ``k`` lowest scores of the whole tensor.
 
     Parameters
     ----------
@@ -104,12 +104,28 @@ def lowest_k_mask(scores: Tensor, k: int) -> Tensor:
     -------
     Tensor, bool, same shape as ``scores``
         ``True`` at exactly ``k`` entries (stable tie-breaking in flattened order).
+
+    Notes
+    -----
+    The entries a stable sort would put first, found by selection (:math:`O(n)`, not
+    :math:`O(n \log n)`): with :math:`t` the ``k``-th smallest score, every score below
+    :math:`t` and the first ``k - #{s < t}`` scores equal to :math:`t` in flattened order.
+    Scores holding NaN go through the stable sort.
     """
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.sort(scores.reshape(-1), stable=True).indices[:k]
-        flat[idx] = True
-    return flat.view(scores.shape)
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full(scores.shape, k > 0 and n > 0, dtype=torch.bool, device=scores.device)
+    if bool(torch.isnan(flat).any()):
+        mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        mask[torch.sort(flat, stable=True).indices[:k]] = True
+        return mask.view(scores.shape)
+    t = torch.kthvalue(flat, k).values
+    below = flat < t
+    ties = flat == t
+    need = k - below.sum()
+    mask = below | (ties & (torch.cumsum(ties, 0) <= need))
+    return mask.view(scores.shape)
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

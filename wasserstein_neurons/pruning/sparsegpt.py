@@ -184,9 +184,9 @@ class SparseGPTPruner(Pruner):
                     q = q.masked_fill(mask1[:, i], 0)
                 Q1[:, i] = q
                 err = (col - q) / d[i]  # [r]
-                losses += err.square() / 2
                 W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
+            losses += Err1.square().sum(dim=1) / 2  # per block: one op, not three a column
             W[:, i1:i2] = Q1
             mask[:, i1:i2] = mask1
             if i2 < ncols:
