@@ -43,11 +43,11 @@ _EXPAND = ["--experts", "4", "--nsamples", "16", "--eval-tokens", "4096"]
 PLAN = [
     ("1.1b", "rank", None, ["--tokens", "8192"]),
     ("1.1b", "rank", "disk", ["--tokens", "8192"]),
-    ("1.1b", "prune", None, _PRUNE),
-    ("1.1b", "prune", "disk", _PRUNE),
-    ("1.1b", "expand", None, _EXPAND),
-    ("1.1b", "expand", "disk", _EXPAND),
     ("7b", "rank", "disk", ["--tokens", "4096"]),
+    ("1.1b", "prune", "disk", _PRUNE),
+    ("1.1b", "prune", None, _PRUNE),
+    ("1.1b", "expand", "disk", _EXPAND),
+    ("1.1b", "expand", None, _EXPAND),  # experts are stored dense: ~17 GB in memory
 ]  # fmt: skip
 
 
