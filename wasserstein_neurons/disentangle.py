@@ -674,8 +674,8 @@ def disentangle_linear(
     pca_factor : int or None
         Router PCA dimension ``d_in // pca_factor`` (paper: 32; ``None``/0: no PCA).
     kmeans_restarts : int
-        k-means++ restarts of each router (paper: 100; 10 by default to save time, the best
-        inertia differs by ~0.1%).
+        k-means++ restarts of each router (paper: 100; the builder's
+        :data:`~wasserstein_neurons.expansion.DEFAULT_KMEANS_RESTARTS` by default).
     seed : int
         Seed of the routers, the random partition control and the mapping-difficulty pairs.
     top_percent : float
