@@ -123,7 +123,6 @@ class ArchitectureAdapter:
     n_layers: int
     d_model: int
     d_mlp: int
-    mlp_kind: str = "plain"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -268,7 +267,6 @@ def adapter_from_bridge(bridge, hf_model: nn.Module) -> ArchitectureAdapter:
         raise _refuse(model_type, "its layers do not all have the same MLP")
     specs = per_layer[0]
     shape = dict((s.role, w) for s, w in specs)
-    gated = "gate" in shape
     return ArchitectureAdapter(
         family=model_type,
         layers_path=clean_module_path(layers_path),
@@ -276,14 +274,7 @@ def adapter_from_bridge(bridge, hf_model: nn.Module) -> ArchitectureAdapter:
         n_layers=len(blocks),
         d_model=shape["up"][1],
         d_mlp=shape["up"][0],
-        mlp_kind=_mlp_kind(blocks[0].mlp, gated),
     )
-
-
-def _mlp_kind(mlp: nn.Module, gated: bool) -> str:
-    if getattr(mlp, "fused_attr", None):
-        return "gated, fused gate_up"
-    return "gated" if gated else "plain"
 
 
 # --------------------------------------------------------------------------------------------

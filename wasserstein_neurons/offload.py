@@ -210,11 +210,7 @@ class LayerOffload:
         """Sort the layer's parameters into *stored* ones (tensors of the shards) and *derived*
         ones (views the bridge split off a stored one at boot, e.g. GPT-2's q / k / v of
         ``c_attn``), then replace them all by placeholders."""
-        for module in layer.modules():
-            for name, b in module._buffers.items():
-                if b is not None:
-                    module._buffers[name] = b.to(self.device)
-        derived = _split_parameters(layer)
+        derived = _split_parameters(layer)  # buffers: already on the device (load_skeleton)
         for module, name, key in tensor_slots(layer):
             full = self.prefixes[index] + key
             p = module._parameters[name]
@@ -230,11 +226,11 @@ class LayerOffload:
         if any(getattr(m, "fused_attr", None) for m in layer.modules()):
             raise OffloadError("offloading a fused gate_up MLP (Phi-3) is not supported yet")
 
-    def _slots(self, index: int, stored: bool = True):
+    def _slots(self, index: int):
+        """``(module, name, state-dict key)`` of layer ``index``'s stored parameters."""
         prefix = self.prefixes[index]
         for module, name, key in tensor_slots(self.layers[index]):
-            known = prefix + key in self.host or prefix + key in self.reader
-            if known == stored:
+            if prefix + key in self.host or prefix + key in self.reader:
                 yield module, name, prefix + key
 
     def _resplit(self, index: int) -> None:
@@ -268,18 +264,16 @@ class LayerOffload:
     def release(self, index: int, write_back: bool = False) -> None:
         """Replace layer ``index``'s weights by placeholders; ``write_back`` keeps their edits."""
         edited = {}
-        for module, name, key in self._slots(index):
-            p = module._parameters[name]
-            if p.is_meta:
+        prefix = self.prefixes[index]
+        split = _split_parameters(self.layers[index])  # not modules added since (experts)
+        for module, name, key in tensor_slots(self.layers[index]):
+            p, key = module._parameters[name], prefix + key
+            stored = key in self.host or key in self.reader
+            if p.is_meta or not (stored or id(p) in split):
                 continue
-            if write_back:
+            if write_back and stored:
                 edited[key] = p.data
             _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-        split = _split_parameters(self.layers[index])  # not modules added since (experts)
-        for module, name, _ in self._slots(index, stored=False):
-            p = module._parameters[name]
-            if id(p) in split:
-                _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         if edited:
             self._keep(edited)
         self._resident.discard(index)
@@ -318,13 +312,15 @@ class LayerOffload:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._scratch is not None:
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if getattr(self, "_scratch", None) is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
     def __del__(self):  # pragma: no cover - best effort
-        if getattr(self, "_scratch", None) is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        self._remove_scratch()
 
 
 # --------------------------------------------------------------------------------------------
