@@ -308,6 +308,22 @@ def test_load_expanded_from_a_model_folder(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_experts_do_not_depend_on_workers():
+    """Experts built side by side in threads (and routers fitted that way) are the very same
+    tensors as those built one after another."""
+    built = []
+    for workers in (1, 3):
+        model = make_tiny_model("llama")
+        summary = build(model, n_experts=4, sparsity=0.6, workers=workers)
+        built.append((model.hf_model.state_dict(), summary))
+    (a, sa), (b, sb) = built
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert sa["rel_error"].tolist() == sb["rel_error"].tolist()
+    with pytest.raises(ValueError, match="workers"):
+        ExpansionConfig(workers=0)
+
+
 def test_bad_builder_settings_are_rejected():
     with pytest.raises(ValueError, match="n_experts"):
         ExpansionConfig(n_experts=0)

@@ -216,3 +216,38 @@ def test_router_flops_hand_count():
     assert r.flops_per_token() == 2 * 64 * 2 + 2 * 2 * 16 + 16
     r = Router(torch.zeros(64), None, torch.randn(4, 64))
     assert r.flops_per_token() == 2 * 64 * 4 + 4
+
+
+def test_router_does_not_depend_on_workers():
+    """Restarts run side by side in threads give the very same router as one after another."""
+    g = torch.Generator().manual_seed(0)
+    x = (
+        torch.randn(3000, 64, generator=g)
+        + 3 * torch.randn(8, 64, generator=g)[torch.randint(8, (3000,), generator=g)]
+    )
+    one = fit_router(x, 8, restarts=6, workers=1, min_cluster_tokens=0)
+    three = fit_router(x, 8, restarts=6, workers=3, min_cluster_tokens=0)
+    assert torch.equal(one.centroids, three.centroids)
+    assert one.fit_info.restart_inertia == three.fit_info.restart_inertia
+    assert torch.equal(one.route(x), three.route(x))
+
+
+def test_returned_labels_are_the_routing_and_bad_values_are_refused():
+    """fit_router's labels equal route() of the inputs (the builder uses them instead of a
+    second routing pass), and NaN / inf inputs are refused by the mean's finiteness check."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40000, 48, generator=g) * torch.linspace(0.1, 3, 48)
+    router, labels = fit_router(x, 16, restarts=2, return_labels=True, min_cluster_tokens=0)
+    assert torch.equal(labels, router.route(x))
+    assert torch.equal(torch.bincount(labels, minlength=16), router.counts)
+    one, zeros = fit_router(x, 1, return_labels=True)
+    assert torch.equal(zeros, torch.zeros(40000, dtype=torch.long))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[39000, 3] = bad  # in the last chunk
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fit_router(y, 4, restarts=1)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fit_router(y, 1)
+    big = torch.full((20000, 4), 3e38)  # finite values whose float32 sum overflows
+    assert torch.isfinite(fit_router(big, 1).mean).all()

@@ -443,3 +443,46 @@ def test_quantization_levels(sparsity, device):
         e_gptq = ((W - res.weight) @ flat.T).norm()
         e_rtn = ((W - quantize_rows(W, 4)) @ flat.T).norm()
         assert e_gptq < 0.8 * e_rtn
+
+
+@pytest.mark.parametrize("count", [128, 77])
+def test_fixed_mask_block_equals_the_reference_column_loop(count):
+    """The transposed, sub-blocked loop of an unstructured block equals the reference's column
+    loop within float rounding, with the same mask and exact zeros (float64: to 1e-12)."""
+    from wasserstein_neurons.pruning.sparsegpt import (
+        _obs_block_columnwise,
+        _obs_block_fixed_mask,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4 * count, count, generator=g, dtype=torch.float64)
+    H = x.T @ x / x.shape[0] + 0.01 * torch.eye(count, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    d = torch.diag(U)
+    W1 = torch.randn(40, count, generator=g, dtype=torch.float64)
+    mask = torch.rand(40, count, generator=g) < 0.6
+    spec = PruneSpec(sparsity=0.6)
+    Q_ref, E_ref = _obs_block_columnwise(W1.clone(), U, d, mask.clone(), spec, None)
+    W_in = W1.clone()
+    Q, E = _obs_block_fixed_mask(W_in, U, d, mask)
+    assert torch.equal(W_in, W1)  # the input is not modified
+    assert torch.equal(Q == 0, Q_ref == 0) and bool((Q[mask] == 0).all())
+    torch.testing.assert_close(Q, Q_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(E, E_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [5, 300, 700])
+def test_gram_update_equals_addmm(d):
+    """The strip-wise symmetric Gram equals torch.addmm (float64: to rounding) and is exactly
+    symmetric."""
+    from wasserstein_neurons.gram import gram_update_
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(257, d, generator=g, dtype=torch.float64)
+    G0 = torch.randn(d, d, generator=g, dtype=torch.float64)
+    G0 = G0 + G0.T
+    G = gram_update_(G0.clone(), x, beta=0.25, alpha=2.0)
+    torch.testing.assert_close(G, torch.addmm(G0, x.T, x, beta=0.25, alpha=2.0))
+    assert torch.equal(G, G.T)
+    with pytest.raises(ValueError, match="does not fit"):
+        gram_update_(torch.zeros(d + 1, d + 1, dtype=torch.float64), x)

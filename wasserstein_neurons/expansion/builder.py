@@ -223,6 +223,11 @@ class ExpansionConfig:
         ``False`` runs the bridged forward exactly as ``sequential_prune`` does.
     cpu_threads : int or None
         Torch threads for the per-expert SparseGPT loops on CPU (``None``: leave as is).
+    workers : int or None
+        CPU workers (Python threads with one torch thread each, :mod:`.threads`) that fit a
+        router's k-means restarts and build a linear's experts (cluster Hessian + SparseGPT)
+        side by side; ``None``: torch's thread count, at most 4.  Results do not depend on it.
+        Needs ``cpu_threads=1`` (otherwise one worker is used); 1 off the CPU.
     compact : bool
         Pack the experts (nonzeros + bit masks) after each layer: less memory, slower forward.
     measure_error : bool
@@ -252,6 +257,7 @@ class ExpansionConfig:
     offload: bool = False
     sdpa: bool = True
     cpu_threads: int | None = 1
+    workers: int | None = None
     compact: bool = False
     measure_error: bool = True
     store_routing: bool = False
@@ -268,6 +274,10 @@ class ExpansionConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 or None, got {self.cpu_threads}")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise ValueError(f"workers must be a positive integer or None, got {self.workers!r}")
         if self.roles is not None:
             self.roles = (self.roles,) if isinstance(self.roles, str) else tuple(self.roles)
         if self.layers is not None:

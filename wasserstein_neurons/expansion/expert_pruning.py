@@ -35,7 +35,7 @@ from torch import Tensor
 from ..pruning import PruneSpec, SparseGPTPruner
 from .expert_linear import ExpertRoutedLinear
 from .router import Router, SmallClusterWarning, fit_router
-from .threads import cpu_threads
+from .threads import cpu_threads, resolve_workers, thread_map
 
 if TYPE_CHECKING:
     from .builder import ExpansionConfig
@@ -44,15 +44,6 @@ __all__ = ["GroupExperts", "cluster_pruner", "hessian_pruner", "prune_experts", 
 
 #: Rows per ``add_batch`` call when a cluster's tokens are fed to its Hessian (k > 1).
 _HESSIAN_CHUNK = 16384
-
-
-@torch.no_grad()
-def _route(router: Router, x: Tensor, chunk: int = 16384) -> Tensor:
-    """``router.route`` over ``x: [n, d]`` in chunks (bounded temporaries) -> ``[n]``."""
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = router.route(x[i : i + chunk]).to(x.device)
-    return out
 
 
 @torch.no_grad()
@@ -250,6 +241,12 @@ class GroupExperts:
         self._full: SparseGPTPruner | None = None
         self._tiny: dict[int, SparseGPTPruner] = {}
 
+    def workers(self) -> int:
+        """Concurrent workers of this group (1 unless ``cfg.cpu_threads == 1`` on the CPU)."""
+        if self.cfg.cpu_threads != 1:
+            return 1
+        return resolve_workers(self.cfg.workers, self.device)
+
     # ------------------------------------------------------------------ router and clusters
     def cluster(self, x: Tensor) -> tuple[Tensor, list[int] | None]:
         """Fit the router on ``x: [N, d_in]`` and route every calibration token.
@@ -267,7 +264,7 @@ class GroupExperts:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SmallClusterWarning)  # summarised by the builder
-            router = fit_router(
+            router, labels = fit_router(
                 x,
                 k,
                 pca_factor=cfg.pca_factor,
@@ -275,12 +272,14 @@ class GroupExperts:
                 seed=cfg.seed,
                 device=self.device,
                 min_cluster_tokens=0,
+                workers=self.workers(),
+                return_labels=True,
             )
         if k == 1:
             counts = torch.tensor([self.n_tokens])
             xs, starts = x, None
         else:
-            labels = _route(router, x)
+            labels = labels.to(x.device)
             counts = torch.bincount(labels, minlength=k).cpu()
             xs = x.index_select(0, torch.argsort(labels, stable=True))  # grouped by cluster
             del labels
@@ -295,11 +294,15 @@ class GroupExperts:
 
     # ------------------------------------------------------------------ experts
     def prune_clusters(self, xs: Tensor, starts: list[int] | None, bounds: list[int]) -> None:
-        """Accumulate every cluster's Hessian :math:`H_c` and prune its experts under it.
+        r"""Accumulate every cluster's Hessian :math:`H_c` and prune its experts under it.
 
         ``xs`` and ``starts`` come from :meth:`cluster`; ``bounds`` are the calibration batch
         boundaries (for ``k = 1``).  Clusters below ``min_expert_tokens`` are only recorded
         (their :math:`H_c` kept to measure their error) for :meth:`prune_fallbacks`.
+
+        With ``k > 1`` the clusters are built ``workers`` at a time (:func:`.threads.thread_map`,
+        each Hessian and prune with ``cpu_threads`` torch threads, so the experts do not depend
+        on the worker count); :math:`H_\Sigma` and the error sums are added in cluster order.
         """
         cfg, k = self.cfg, self.k
         self.experts = {
@@ -314,43 +317,61 @@ class GroupExperts:
         }
         min_expert = max(1, cfg.min_expert_tokens)
         self.fallbacks = [c for c in range(k) if int(self.counts[c]) < min_expert]
-        for c in range(k):
-            n_c = int(self.counts[c])
-            if n_c == 0:
-                continue
-            own = self._cluster_hessian(c, xs, starts, bounds)
-            H_sum = self.H_sum
-            self.H_sum = own.H * n_c if H_sum is None else H_sum.add_(own.H, alpha=n_c)
-            if c not in self.fallbacks:
-                self._prune_expert(c, own, own)
-            elif cfg.measure_error:  # a tiny cluster: its error is measured on its own tokens
-                self._tiny[c] = own
-            del own
-
-    def _cluster_hessian(
-        self, c: int, xs: Tensor, starts: list[int] | None, bounds: list[int]
-    ) -> SparseGPTPruner:
-        r"""Pruner with :math:`H_c` of cluster ``c`` (``k = 1``: also the whole-layer one)."""
-        if starts is None:
+        if starts is None:  # k = 1: the batch-by-batch Hessian of sequential_prune
             own = hessian_pruner(xs, bounds, self.device)
             self._full = own
-            return own
-        return cluster_pruner(xs, slice(starts[c], starts[c + 1]), self.device)
+            self._add_cluster(
+                0, own, self._prune_expert(own, own) if 0 not in self.fallbacks else None
+            )
+            return
+        todo = [c for c in range(k) if int(self.counts[c]) > 0]
+        workers = self.workers()
+        for i in range(0, len(todo), workers):
+            wave = todo[i : i + workers]
+            done = thread_map(lambda c: self._build_cluster(c, xs, starts), wave, workers)
+            for c, (own, res) in zip(wave, done, strict=True):
+                self._add_cluster(c, own, res)
 
-    def _prune_expert(self, c: int, pruner: SparseGPTPruner, own: SparseGPTPruner | None) -> None:
-        """Prune expert ``c`` of every role under ``pruner``; its error is measured under
-        ``own`` (the cluster's Hessian; ``None``: not measured)."""
-        cfg = self.cfg
+    def _build_cluster(
+        self, c: int, xs: Tensor, starts: list[int]
+    ) -> tuple[SparseGPTPruner, dict[str, Any] | None]:
+        """Hessian of cluster ``c`` and, unless it is a fallback, its pruned experts."""
+        with cpu_threads(self.cfg.cpu_threads, self.device):
+            own = cluster_pruner(xs, slice(starts[c], starts[c + 1]), self.device)
+        return own, None if c in self.fallbacks else self._prune_expert(own, own)
+
+    def _add_cluster(self, c: int, own: SparseGPTPruner, res: dict[str, Any] | None) -> None:
+        r"""Record cluster ``c``: :math:`H_\Sigma \mathrel{+}= N_c H_c` and its experts
+        (``res`` from :meth:`_prune_expert`; ``None`` for a fallback, kept for later)."""
+        n_c = int(self.counts[c])
+        self.H_sum = own.H * n_c if self.H_sum is None else self.H_sum.add_(own.H, alpha=n_c)
+        if res is not None:
+            self._store_expert(c, res)
+        elif self.cfg.measure_error:  # a tiny cluster: its error is measured on its own tokens
+            self._tiny[c] = own
+
+    def _prune_expert(self, pruner: SparseGPTPruner, own: SparseGPTPruner | None) -> dict[str, Any]:
+        r"""Prune every role under ``pruner`` -> ``{role: (rows, zeros, error term)}``; the error
+        :math:`N_c \mathrm{tr}(D H_c D^\top)` is measured under ``own`` (``None``: not)."""
+        cfg, out = self.cfg, {}
         with cpu_threads(cfg.cpu_threads, self.device):
             for r in self.names:
                 w, rows = self.weights[r], self.rows[r]
                 res = pruner.prune(w, cfg.spec(rows))
                 sel = res.weight if rows is None else res.weight[rows]
-                self.experts[r][c] = sel
-                self.zeros[r] += int((sel == 0).sum())
+                num = 0.0
                 if cfg.measure_error and own is not None:
                     w0 = w if rows is None else w[rows]
-                    self.num[r] += own.nsamples * _trace_quad(w0 - sel, own.H)
+                    num = own.nsamples * _trace_quad(w0 - sel, own.H)
+                out[r] = (sel, int((sel == 0).sum()), num)
+        return out
+
+    def _store_expert(self, c: int, res: dict[str, Any]) -> None:
+        """Put expert ``c``'s rows in place and add its zeros and error terms."""
+        for r, (sel, zeros, num) in res.items():
+            self.experts[r][c] = sel
+            self.zeros[r] += zeros
+            self.num[r] += num
 
     def full_pruner(self) -> SparseGPTPruner:
         r"""Pruner with the whole-layer Hessian :math:`H = H_\Sigma / N` (built once)."""
@@ -366,7 +387,7 @@ class GroupExperts:
         Their errors are measured under their own :math:`H_c` (kept by :meth:`prune_clusters`).
         """
         for c in self.fallbacks:
-            self._prune_expert(c, self.full_pruner(), self._tiny.pop(c, None))
+            self._store_expert(c, self._prune_expert(self.full_pruner(), self._tiny.pop(c, None)))
 
     # ------------------------------------------------------------------ modules
     def _n_rows(self, r: str) -> int:

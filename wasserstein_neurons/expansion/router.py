@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .threads import cpu_threads
+from ..gram import gram_update_
+from .threads import cpu_threads, resolve_workers, thread_map
 
 __all__ = ["Router", "RouterFitInfo", "SmallClusterWarning", "fit_router"]
 
@@ -314,10 +315,21 @@ def _resolve_pca_dim(d_in: int, pca_dim: int | None, pca_factor: int | None) -> 
 
 
 def _mean64(x: Tensor, device: torch.device) -> Tensor:
-    """Mean ``[d]`` of ``x: [n, d]`` in float64, summed chunk by chunk on ``device``."""
+    """Mean ``[d]`` of ``x: [n, d]``: float32 column sums of each chunk, added in float64.
+
+    Doubles as the finiteness check of the inputs: a sum is finite only if every summand is
+    (a NaN or an infinity propagates), so a chunk whose float32 sum is not finite is summed
+    again in float64, and a ``ValueError`` is raised if that is not finite either.
+    """
     mean = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
     for i in range(0, x.shape[0], _CHUNK):
-        mean += x[i : i + _CHUNK].to(device).sum(0, dtype=torch.float64)
+        chunk = x[i : i + _CHUNK].to(device)
+        part = chunk.sum(0, dtype=torch.float32)
+        if not bool(torch.isfinite(part).all()):
+            part = chunk.sum(0, dtype=torch.float64)  # float32 overflow of finite values?
+            if not bool(torch.isfinite(part).all()):
+                raise ValueError("calibration inputs contain NaN or Inf")
+        mean += part
     mean /= x.shape[0]
     return mean
 
@@ -331,7 +343,7 @@ def _pca(x: Tensor, p: int, device: torch.device) -> tuple[Tensor, Tensor, Tenso
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
     for i in range(0, n, _CHUNK):
         xc = x[i : i + _CHUNK].to(device=device, dtype=torch.float32) - mean32
-        cov += (xc.T @ xc).to(torch.float64)
+        cov += gram_update_(torch.zeros_like(cov, dtype=torch.float32), xc).to(torch.float64)
     cov /= max(n - 1, 1)
     with cpu_threads(1, device):  # one small eigensolve (see .threads)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
@@ -433,7 +445,9 @@ def fit_router(
     seed: int = 0,
     device: torch.device | str | None = None,
     min_cluster_tokens: int | None = None,
-) -> Router:
+    workers: int | None = None,
+    return_labels: bool = False,
+) -> Router | tuple[Router, Tensor]:
     r"""Fit a PCA + k-means router on calibration inputs.
 
     Parameters
@@ -471,10 +485,16 @@ def fit_router(
         Emit a :class:`SmallClusterWarning` when a cluster gets fewer calibration tokens than
         this (default ``2 * d_in``: a cluster's Hessian :math:`X_c^\top X_c` needs well over
         ``d_in`` tokens to be informative); ``0`` disables the warning.
+    workers : int or None
+        Threads that run the restarts' Lloyd iterations side by side on CPU (``None``: torch's
+        thread count, at most 4; see :mod:`.threads`).  The router does not depend on it.
+    return_labels : bool
+        Also return the expert of every calibration token (``[tokens]`` on ``device``, equal
+        to :meth:`Router.route` of the inputs), saving a second routing pass.
 
     Returns
     -------
-    Router
+    Router, or (Router, LongTensor) with ``return_labels``
         With ``counts`` = calibration tokens per cluster (from :meth:`Router.route`) and
         ``fit_info`` (:class:`RouterFitInfo`).
 
@@ -497,12 +517,16 @@ def fit_router(
     min_cluster_tokens = 2 * d_in if min_cluster_tokens is None else int(min_cluster_tokens)
     if n_clusters == 1:
         router = _single_cluster_router(x, device)
+        labels = torch.zeros(n, dtype=torch.long, device=device)
     else:
         p = _resolve_pca_dim(d_in, pca_dim, pca_factor)
-        router = _kmeans_router(x, n_clusters, p, restarts, max_iter, tol, seed, device)
+        workers = resolve_workers(workers, device)
+        router, labels = _kmeans_router(
+            x, n_clusters, p, restarts, max_iter, tol, seed, device, workers
+        )
     router.fit_info.time_s = time.perf_counter() - t0
     _warn_small(router.counts, min_cluster_tokens)  # stacklevel: called from fit_router
-    return router
+    return (router, labels) if return_labels else router
 
 
 def _check_fit_inputs(x: Tensor, n_clusters: int, restarts: int, max_iter: int) -> Tensor:
@@ -520,10 +544,7 @@ def _check_fit_inputs(x: Tensor, n_clusters: int, restarts: int, max_iter: int) 
     x = x.detach().reshape(-1, x.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("fit_router needs at least one calibration token")
-    for i in range(0, x.shape[0], _CHUNK):
-        if not bool(torch.isfinite(x[i : i + _CHUNK]).all()):
-            raise ValueError("calibration inputs contain NaN or Inf")
-    return x
+    return x  # finiteness is checked by _mean64, which every fit runs once
 
 
 def _single_cluster_router(x: Tensor, device: torch.device) -> Router:
@@ -546,11 +567,13 @@ def _kmeans_router(
     tol: float,
     seed: int,
     device: torch.device,
-) -> Router:
+    workers: int = 1,
+) -> tuple[Router, Tensor]:
     r"""PCA (to ``p`` dimensions; ``p = 0``: none) + k-means router of ``x: [n, d_in]``, k >= 2.
 
     The centroids are those of the restart with the lowest inertia; ``counts`` and
-    ``fit_info.inertia`` come from the final routing :math:`e(x_t)` of every token.
+    ``fit_info.inertia`` come from the final routing :math:`e(x_t)` of every token, which is
+    returned too (``[n]``, equal to ``router.route`` of each :data:`_CHUNK`-row chunk).
     """
     n, d_in = x.shape
     if p:
@@ -565,10 +588,11 @@ def _kmeans_router(
     z64 = z.to(torch.float64)
     tol_abs = tol * float(z64.var(0, unbiased=False).mean()) if n > 1 else 0.0
     centers, n_iter, converged, restart_inertia = _best_kmeans(
-        z, z64, k, restarts, max_iter, tol_abs, seed, device
+        z, z64, k, restarts, max_iter, tol_abs, seed, device, workers
     )
     router.centroids.copy_(centers.to(torch.float32))
-    labels = _assign(z, router.centroids)
+    # route() of each _CHUNK-row chunk, exactly: its projection is z's chunk (see above)
+    labels = torch.cat([_assign(z[i : i + _CHUNK], router.centroids) for i in range(0, n, _CHUNK)])
     router.counts.copy_(torch.bincount(labels, minlength=k))
     c = router.centroids.to(torch.float64)
     router.fit_info = RouterFitInfo(
@@ -579,7 +603,7 @@ def _kmeans_router(
         explained_variance_ratio=ratio.to(torch.float32).cpu(),
         n_tokens=n,
     )
-    return router
+    return router, labels
 
 
 def _best_kmeans(
@@ -591,30 +615,32 @@ def _best_kmeans(
     tol: float,
     seed: int,
     device: torch.device,
+    workers: int = 1,
 ) -> tuple[Tensor, int, bool, list[float]]:
     r"""k-means++ + Lloyd ``restarts`` times on ``z: [n, p]`` (``z64`` its float64 copy).
 
     Returns the centres ``[k, p]`` (float64), iterations and convergence of the restart with
-    the lowest inertia :math:`\sum_t \lVert z_t - c_{e(t)} \rVert^2`, and every restart's
-    inertia in run order.  One ``torch.Generator`` seeded with ``seed`` on ``device`` serves all
-    restarts.
+    the lowest inertia :math:`\sum_t \lVert z_t - c_{e(t)} \rVert^2` (the first on ties), and
+    every restart's inertia in run order.  One ``torch.Generator`` seeded with ``seed`` on
+    ``device`` draws every restart's seeding, in order; the Lloyd runs, which draw nothing, then
+    go to ``workers`` threads (:func:`.threads.thread_map`), each single-threaded, so the result
+    does not depend on ``workers``.
     """
     zz = (z64 * z64).sum(1)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    best: tuple[float, Tensor, int, bool] | None = None
-    restart_inertia = []
+
+    def lloyd(centers: Tensor) -> tuple[float, Tensor, int, bool]:
+        centers, n_iter, converged = _lloyd(z, z64, centers, max_iter, tol)
+        labels = _assign(z, centers)
+        return float(((z64 - centers[labels]) ** 2).sum()), centers, n_iter, converged
+
     with cpu_threads(1, device):  # small [n, p] kernels (see .threads)
-        for _ in range(restarts):
-            centers = _kmeans_pp(z64, zz, k, gen)
-            centers, n_iter, converged = _lloyd(z, z64, centers, max_iter, tol)
-            labels = _assign(z, centers)
-            inertia = float(((z64 - centers[labels]) ** 2).sum())
-            restart_inertia.append(inertia)
-            if best is None or inertia < best[0]:
-                best = (inertia, centers, n_iter, converged)
-    assert best is not None
-    return best[1], best[2], best[3], restart_inertia
+        seeds = [_kmeans_pp(z64, zz, k, gen) for _ in range(restarts)]
+        runs = thread_map(lloyd, seeds, workers)
+    best = min(range(restarts), key=lambda i: runs[i][0])  # min keeps the first of equals
+    _, centers, n_iter, converged = runs[best]
+    return centers, n_iter, converged, [r[0] for r in runs]
 
 
 def _warn_small(counts: Tensor, min_tokens: int) -> None:

@@ -1,20 +1,35 @@
-"""Temporary torch CPU thread count for the many small kernels of Sparse Expansion.
+"""CPU thread use of Sparse Expansion: temporary torch thread counts and concurrent workers.
 
 Routers (k-means on ``[tokens, p]`` arrays with ``p ~ d_in / 32``, one ``[d_in, d_in]``
 eigensolve) and per-expert SparseGPT column loops are thousands of small kernels: OpenMP gains
 little there, and on a loaded machine its barriers make them 10-100x slower (measured:
 ``eigh`` of a 576 x 576 matrix takes 8 s with 2 busy threads, 0.07 s with one; one
 ``1536 x 576`` SparseGPT prune 0.1-0.2 s with 1 thread, 2.6-10 s with 2).
+
+The cores are used instead by running *independent* pieces of work side by side
+(:func:`thread_map`): the k-means restarts of a router, the experts of a linear.  Each worker
+is a Python thread whose torch kernels run single-threaded; torch releases the GIL inside its
+kernels, so ``w`` workers keep ``w`` cores busy.  Every piece of work runs exactly the kernels
+it would run alone with one torch thread, so results do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
-__all__ = ["cpu_threads"]
+__all__ = ["MAX_DEFAULT_WORKERS", "cpu_threads", "resolve_workers", "thread_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Upper bound of the default worker count (each expert worker holds one ``[d_in, d_in]``
+#: Hessian and a copy of the weight, so memory grows with the count).
+MAX_DEFAULT_WORKERS = 4
 
 
 @contextmanager
@@ -41,3 +56,37 @@ def cpu_threads(n: int | None, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """Concurrent workers for ``device``: 1 off the CPU; ``None`` means torch's thread count
+    (at most :data:`MAX_DEFAULT_WORKERS`).
+
+    Raises
+    ------
+    ValueError
+        For a count below 1.
+    """
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    if device.type != "cpu":
+        return 1
+    if workers is None:
+        return max(1, min(torch.get_num_threads(), MAX_DEFAULT_WORKERS))
+    return int(workers)
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """``[fn(x) for x in items]``, computed by ``workers`` threads with one torch thread each.
+
+    Results come back in the order of ``items``.  With one worker (or one item) ``fn`` runs
+    in the calling thread under the current torch thread setting.
+    """
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with (
+        cpu_threads(1, torch.device("cpu")),
+        ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool,
+    ):
+        return list(pool.map(fn, items))
