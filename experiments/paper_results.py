@@ -1,31 +1,33 @@
 """Regenerate the paper's figures on the embedded model: ``RESULTS.md`` and its small files.
 
-Every number comes from one of the CLI commands below; each writes a run folder under
-``--runs`` (default ``runs/paper``).  A finished folder is skipped, the grid continues cell by
-cell (``--resume``), so this script can be stopped at any point and started again::
+Every number comes from one CLI command (a *step*); each writes a run folder under ``--runs``
+(default ``runs/paper``), and its small tables are then copied to ``experiments/results/paper/``.
+A step whose copied files exist is done, so the script can be stopped at any point, the
+files committed, and the rest run later, in another session::
 
-    python experiments/paper_results.py                  # every stage, in order (hours on CPU)
-    python experiments/paper_results.py --stages w1,grid # some stages
-    python experiments/paper_results.py --collect-only   # rewrite RESULTS.md from what is done
+    python experiments/paper_results.py                  # every missing step (hours on CPU)
+    python experiments/paper_results.py --steps w1,grid-0.9
+    python experiments/paper_results.py --collect-only   # rewrite RESULTS.md from the files
+    python experiments/paper_results.py --list           # the steps and their commands
 
-Stages, cheapest first:
+The steps run in an order that answers every claim early (the cheapest first):
 
 ``w1``
     ``disentangle``: layer 5's ``gate_proj`` pruned to 0.9 by SparseGPT and expanded with
     k = 1, 2, 4, 8, 16 experts; W1(sparse, dense) of the top Wasserstein neuron as k grows (the
     paper's Pythia-1.4B figure: 0.27 -> 0.08).
-``grid``
-    ``expand --grid``: every MLP linear pruned at 0.9 / 0.5 / 0.7 / 2:4 by magnitude, Wanda,
-    SparseGPT (k = 1) and Sparse Expansion with 16 and 4 experts (128 x 512 calibration
-    windows).  Its 0.5 column is the three baselines at 50%.
-``rank`` and ``ablate``
-    the neuron ranking, then one ``ablate`` run per neuron sparsity 0.5 / 0.8 / 0.9 / 0.95 / 0.99
-    with the six strategies (wd-top, random x 3 seeds, wd-bottom, mean, variance, norm).
+``grid-S``
+    ``expand --grid`` at sparsity S (0.9, 0.5, 0.7, 2:4): every MLP linear pruned by magnitude,
+    Wanda, SparseGPT (k = 1) and Sparse Expansion with 4 and 16 experts (128 x 512 calibration
+    windows).  ``grid-0.5`` holds the three baselines at 50%.
+``rank``, ``ablate-S``
+    the neuron ranking (a prerequisite, nothing copied), then ``ablate`` at neuron sparsity S
+    (0.5, 0.8, 0.9, 0.95, 0.99) with the six strategies: wd-top, random (3 seeds), wd-bottom,
+    mean, variance, norm.
 
-``collect`` (always run last) copies the tables and figures to ``experiments/results/paper/``
-and writes ``RESULTS.md`` at the repository root: the tables, the command behind each, and
-whether each of the paper's claims holds on what has been measured; stages not yet finished
-are listed as such.
+After every step ``RESULTS.md`` (repository root) is rewritten from the copied files alone: the
+tables, the command behind each, whether each of the paper's claims holds on what has been
+measured, and which steps are still missing.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ import argparse
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from wasserstein_neurons import plotting
 from wasserstein_neurons.runs import folder_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,255 +49,251 @@ RESULTS = ROOT / "experiments" / "results" / "paper"
 REPORT = ROOT / "RESULTS.md"
 
 EVAL_TOKENS = 16384
-GRID_SPARSITIES = "0.9,0.5,0.7,2:4"
+GRID_SPARSITIES = ("0.9", "0.5", "0.7", "2:4")
 GRID_EXPERTS = "1,16,4"
 W1_EXPERTS = "1,2,4,8,16"
-ABLATION_SPARSITIES = ("0.5", "0.8", "0.9", "0.95", "0.99")
+ABLATION_SPARSITIES = ("0.5", "0.9", "0.99", "0.8", "0.95")
 STRATEGIES = "wd-top,random,wd-bottom,mean,variance,norm"
-STAGES = ("w1", "grid", "rank", "ablate")
 
 
-def commands(runs: str) -> dict[str, list[list[str]]]:
-    """The CLI command lines of every stage (``wasserstein-neurons`` arguments)."""
+@dataclass
+class Step:
+    """One CLI command; ``files`` maps a file of its run folder to its copied name."""
+
+    name: str
+    argv: list[str]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return ROOT / self.argv[self.argv.index("--out") + 1]
+
+    @property
+    def command(self) -> str:
+        return "wasserstein-neurons " + " ".join(self.argv)
+
+    def done(self) -> bool:
+        if not self.files:  # a prerequisite: done when its run folder is finished
+            return folder_state(self.out).kind == "finished"
+        return all((RESULTS / name).is_file() for name in self.files.values())
+
+
+def steps(runs: str) -> list[Step]:
+    """Every step, in the order they run."""
     ev = ["--eval-tokens", str(EVAL_TOKENS), "--no-progress"]
-    ablate = [
-        [
-            "ablate",
-            "--strategies", STRATEGIES,
-            "--seeds", "3",
-            "--neuron-sparsity", s,
-            "--ranking", f"{runs}/rank",
-            "--out", f"{runs}/ablate-{s}",
-            *ev,
-        ]
+    w1 = Step(
+        "w1",
+        ["disentangle", "--layer", "5", "--sparsity", "0.9", "--experts", W1_EXPERTS,
+         "--out", f"{runs}/w1", *ev],
+        {"per_k.csv": "w1_per_k.csv", "neurons.csv": "w1_neurons.csv",
+         "w1_vs_k.png": "w1_vs_k.png"},
+    )  # fmt: skip
+    grid = {
+        s: Step(
+            f"grid-{s}",
+            [
+                "expand",
+                "--grid",
+                "--grid-sparsities",
+                s,
+                "--grid-experts",
+                GRID_EXPERTS,
+                "--out",
+                f"{runs}/grid-{s.replace(':', '_')}",
+                *ev,
+            ],
+            {"results.csv": f"grid-{s.replace(':', '_')}.csv"},
+        )  # fmt: skip
+        for s in GRID_SPARSITIES
+    }
+    rank = Step("rank", ["rank", "--out", f"{runs}/rank", "--no-progress"])
+    ablate = {
+        s: Step(
+            f"ablate-{s}",
+            [
+                "ablate",
+                "--strategies",
+                STRATEGIES,
+                "--seeds",
+                "3",
+                "--neuron-sparsity",
+                s,
+                "--ranking",
+                f"{runs}/rank",
+                "--out",
+                f"{runs}/ablate-{s}",
+                *ev,
+            ],
+            {"ablation.csv": f"ablation-{s}.csv"},
+        )  # fmt: skip
         for s in ABLATION_SPARSITIES
-    ]  # fmt: skip
-    return {
-        "w1": [
-            [
-                "disentangle", "--layer", "5", "--sparsity", "0.9", "--experts", W1_EXPERTS,
-                "--out", f"{runs}/w1", *ev,
-            ]
-        ],
-        "grid": [
-            [
-                "expand", "--grid", "--grid-sparsities", GRID_SPARSITIES,
-                "--grid-experts", GRID_EXPERTS, "--out", f"{runs}/grid", "--resume", *ev,
-            ]
-        ],
-        "rank": [["rank", "--out", f"{runs}/rank", "--no-progress"]],
-        "ablate": ablate,
-    }  # fmt: skip
+    }
+    a, g = ablate, grid
+    return [w1, g["0.9"], rank, a["0.5"], a["0.9"], g["0.5"], a["0.99"], g["0.7"], a["0.8"],
+            a["0.95"], g["2:4"]]  # fmt: skip
 
 
-def out_of(argv: list[str]) -> Path:
-    return Path(argv[argv.index("--out") + 1])
-
-
-def run_stage(argvs: list[list[str]]) -> None:
-    """Run each command unless its folder is finished (a grid resumes its cells)."""
-    for argv in argvs:
-        state = folder_state(out_of(argv)).kind
-        if state == "finished" and "--resume" not in argv:
-            print(f"done already: {out_of(argv)}", flush=True)
-            continue
-        if state == "unfinished" and "--resume" not in argv:
-            argv = [*argv, "--overwrite"]  # an interrupted run is redone from the start
-        print("+ wasserstein-neurons " + " ".join(argv), flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "wasserstein_neurons.cli", *argv], check=True, cwd=ROOT
-        )
-
-
-# ============================================================================================
-# collect
-# ============================================================================================
-
-
-def _copy(src: Path, name: str) -> str:
+def run_step(step: Step, all_steps: list[Step]) -> None:
+    """Run ``step`` (its prerequisite ``rank`` first for an ablation) and copy its files."""
+    if step.name.startswith("ablate"):
+        rank = next(s for s in all_steps if s.name == "rank")
+        if not rank.done():
+            run_step(rank, all_steps)
+    argv = list(step.argv)
+    if folder_state(step.out).kind in ("finished", "unfinished"):
+        argv.append("--overwrite")  # not copied yet, or interrupted: made again
+    print(f"+ {step.command}", flush=True)
+    subprocess.run([sys.executable, "-m", "wasserstein_neurons.cli", *argv], check=True, cwd=ROOT)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, RESULTS / name)
-    return f"experiments/results/paper/{name}"
+    for src, name in step.files.items():
+        shutil.copyfile(step.out / src, RESULTS / name)
 
 
-def _cmd(argv: list[str]) -> str:
-    return "wasserstein-neurons " + " ".join(argv)
+# ============================================================================================
+# RESULTS.md, from the copied files only
+# ============================================================================================
 
 
 def _md(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     for row in df.itertuples(index=False):
         cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def grid_section(runs: str, argv: list[str]) -> list[str]:
-    """The baselines at 50% and the perplexity-vs-sparsity grid, with SE's gain over SparseGPT."""
-    folder = out_of(argv)
-    path = folder / "results.csv"
-    if not path.is_file():
+def _footer(done: list[Step], missing: list[Step]) -> list[str]:
+    lines = ["", "Commands:", "", "```", *(s.command for s in done), "```"]
+    if missing:
+        lines.append("*Still to run: " + ", ".join(s.name for s in missing) + ".*")
+    return lines
+
+
+def w1_section(step: Step) -> list[str]:
+    """W1(sparse, dense) of the layer's top Wasserstein neuron and of the top-3% set, per k."""
+    if not step.done():
+        return ["*Not run yet* (`" + step.name + "`)."]
+    per_k = pd.read_csv(RESULTS / "w1_per_k.csv")
+    top = pd.read_csv(RESULTS / "w1_neurons.csv").sort_values("wd", ascending=False).iloc[0]
+    df = pd.DataFrame(
+        {
+            "experts": per_k["experts"].astype(int),
+            "W1 top neuron": [float(top[f"w1_sparse_dense_k{k}"]) for k in per_k["experts"]],
+            "W1/std top neuron": [float(top[f"w1z_sparse_dense_k{k}"]) for k in per_k["experts"]],
+            "median W1 top-3%": per_k["median_w1_top"],
+            "median W1 all": per_k["median_w1_all"],
+        }
+    )
+    w = df["W1 top neuron"].to_numpy()
+    verdict = "holds" if bool((w[1:] <= w[:-1]).all()) else "does not hold monotonically"
+    lines = [f"Top Wasserstein neuron of the layer: {int(top['neuron'])} (WD {top['wd']:.3f}).", ""]
+    lines += [_md(df, ".4f"), ""]
+    lines.append(
+        f"**Claim: W1(sparse, dense) of a Wasserstein neuron shrinks as k grows**: {verdict} "
+        f"for the top neuron ({w[0]:.4f} at k = 1, {w[-1]:.4f} at k = {df['experts'].iloc[-1]})."
+    )
+    lines += ["", "Figure: `experiments/results/paper/w1_vs_k.png`", *_footer([step], [])]
+    return lines
+
+
+def grid_section(grid_steps: list[Step]) -> list[str]:
+    """The baselines at 50% and the SE grid, with SE's gain over SparseGPT."""
+    done = [s for s in grid_steps if s.done()]
+    missing = [s for s in grid_steps if not s.done()]
+    if not done:
         return ["*Not run yet.*"]
-    res = pd.read_csv(path)
-    res["pattern"] = res["pattern"].astype(str)
-    files = [_copy(path, "grid.csv")]
-    if (folder / "grid.png").is_file():
-        files.append(_copy(folder / "grid.png", "grid.png"))
+    res = pd.concat([pd.read_csv(RESULTS / next(iter(s.files.values()))) for s in done])
+    dense = res[res["method"] == "dense"]
+    res = pd.concat([dense.iloc[:1], res[res["method"] != "dense"]], ignore_index=True)
+    res.to_csv(RESULTS / "grid.csv", index=False)
+    fig = plotting.plot_expansion_grid(res, title="smollm2-135m: every MLP linear pruned")
+    plotting.save_figure(fig, RESULTS / "grid.png")
     res["name"] = [
-        m if m in ("dense", "magnitude", "wanda") else ("sparsegpt" if k == 1 else f"SE k={k}")
+        m if m in ("magnitude", "wanda") else ("sparsegpt" if k == 1 else f"SE k={k}")
         for m, k in zip(res["method"], res["experts"], strict=True)
     ]
-    dense = res.loc[res["method"] == "dense", "perplexity"]
     table = res[res["method"] != "dense"].pivot_table(
         index="name", columns="pattern", values="perplexity", aggfunc="first"
     )
     order = [n for n in ("magnitude", "wanda", "sparsegpt") if n in table.index]
     order += sorted((n for n in table.index if n.startswith("SE")), key=lambda n: int(n[5:]))
-    table = table.loc[order].reset_index()
-    lines = [f"Dense perplexity: **{float(dense.iloc[0]):.3f}**." if len(dense) else ""]
-    lines += ["", _md(table), ""]
-    lines += _se_claim(table)
-    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), f"Command: `{_cmd(argv)}`"]
-    state = folder_state(folder).kind
-    if state != "finished":
-        lines.append(f"*The grid is {state}: missing cells are still to run (`--resume`).*")
-    return lines
+    table = table.loc[order]
+    lines = [f"Dense perplexity: **{float(dense['perplexity'].iloc[0]):.3f}**.", ""]
+    lines += [_md(table.reset_index()), ""]
+    if "sparsegpt" in table.index:
+        gains = [
+            {"": n, **{c: f"{100 * v:+.1f}%" for c, v in gain.dropna().items()}}
+            for n in order
+            if n.startswith("SE")
+            for gain in [(table.loc["sparsegpt"] - table.loc[n]) / table.loc["sparsegpt"]]
+        ]
+        lines += ["Gain of SE over SparseGPT, (ppl_SparseGPT - ppl_SE) / ppl_SparseGPT:", ""]
+        lines += [_md(pd.DataFrame(gains)), ""]
+    lines += ["Files: `experiments/results/paper/grid.csv`, `experiments/results/paper/grid.png`"]
+    return lines + _footer(done, missing)
 
 
-def _se_claim(table: pd.DataFrame) -> list[str]:
-    """SE beats SparseGPT, the gap growing with sparsity and with k: checked on the table."""
-    t = table.set_index("name")
-    if "sparsegpt" not in t.index:
-        return []
-    out = ["Relative gain of SE over SparseGPT, (ppl_SparseGPT - ppl_SE) / ppl_SparseGPT:", ""]
-    rows = []
-    for name in (n for n in t.index if n.startswith("SE")):
-        gain = (t.loc["sparsegpt"] - t.loc[name]) / t.loc["sparsegpt"]
-        rows.append({"": name, **{c: f"{100 * v:+.1f}%" for c, v in gain.dropna().items()}})
-    if rows:
-        out += [_md(pd.DataFrame(rows)), ""]
-    return out
-
-
-def w1_section(argv: list[str]) -> list[str]:
-    """W1(sparse, dense) of the layer's top Wasserstein neuron and of the top-3% set, per k."""
-    folder = out_of(argv)
-    if folder_state(folder).kind != "finished":
+def ablation_section(ablate_steps: list[Step], rank: Step) -> list[str]:
+    """The ablation over every finished neuron sparsity, and the WD-top claim."""
+    done = [s for s in ablate_steps if s.done()]
+    missing = [s for s in ablate_steps if not s.done()]
+    if not done:
         return ["*Not run yet.*"]
-    per_k = pd.read_csv(folder / "per_k.csv")
-    neurons = pd.read_csv(folder / "neurons.csv")
-    files = [
-        _copy(folder / "per_k.csv", "w1_per_k.csv"),
-        _copy(folder / "neurons.csv", "w1_neurons.csv"),
-    ]
-    if (folder / "w1_vs_k.png").is_file():
-        files.append(_copy(folder / "w1_vs_k.png", "w1_vs_k.png"))
-    top = neurons.sort_values("wd", ascending=False).iloc[0]
-    rows = [
-        {
-            "experts": int(k),
-            "W1 top neuron": float(top.get(f"w1_sparse_dense_k{int(k)}", float("nan"))),
-            "W1/std top neuron": float(top.get(f"w1z_sparse_dense_k{int(k)}", float("nan"))),
-            "median W1 top-3%": float(m_top),
-            "median W1 all": float(m_all),
-        }
-        for k, m_top, m_all in zip(
-            per_k["experts"], per_k["median_w1_top"], per_k["median_w1_all"], strict=True
-        )
-    ]
-    df = pd.DataFrame(rows)
-    lines = [f"Top Wasserstein neuron: {int(top['neuron'])} (WD {float(top['wd']):.3f}).", ""]
-    lines += [_md(df, ".4f"), ""]
-    w = df["W1 top neuron"].to_numpy()
-    shrinks = bool((w[1:] <= w[:-1]).all()) if len(w) > 1 else False
-    lines.append(
-        f"**Claim: W1(sparse, dense) of a Wasserstein neuron shrinks as k grows** - "
-        f"{'holds' if shrinks else 'does not hold monotonically'} for the top neuron "
-        f"({w[0]:.4f} at k = 1, {w[-1]:.4f} at k = {int(df['experts'].iloc[-1])})."
-    )
-    lines += ["", "Files: " + ", ".join(f"`{f}`" for f in files), f"Command: `{_cmd(argv)}`"]
-    return lines
-
-
-def ablation_section(argvs: list[list[str]], rank_argv: list[str]) -> list[str]:
-    """The ablation table over every finished neuron sparsity, and the WD-top claim."""
-    parts = [
-        pd.read_csv(out_of(a) / "ablation.csv")
-        for a in argvs
-        if folder_state(out_of(a)).kind == "finished"
-    ]
-    if not parts:
-        return ["*Not run yet.*"]
-    res = pd.concat(parts, ignore_index=True)
+    res = pd.concat([pd.read_csv(RESULTS / next(iter(s.files.values()))) for s in done])
     dense = res[res["strategy"] == "dense"]
     res = pd.concat([dense.iloc[:1], res[res["strategy"] != "dense"]], ignore_index=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     res.to_csv(RESULTS / "ablation.csv", index=False)
-    from wasserstein_neurons import plotting
-
-    fig = plotting.plot_ablation(res, "smollm2-135m: top 3% neurons per layer, sparsegpt rows")
-    plotting.save_figure(fig, RESULTS / "ablation.png")
-    rows = res[res["strategy"] != "dense"]
-    table = rows.pivot_table(
-        index="strategy", columns="neuron_sparsity", values="perplexity", aggfunc="mean"
-    ).reset_index()
-    lines = [
-        f"Dense perplexity: **{float(dense['perplexity'].iloc[0]):.3f}**; random: mean of 3 seeds.",
-        "",
-    ]
-    lines += [_md(table), ""]
-    t = table.set_index("strategy")
-    if "wd-top" in t.index:
+    title = "smollm2-135m: top 3% neurons per layer, rows pruned by sparsegpt"
+    plotting.save_figure(plotting.plot_ablation(res, title), RESULTS / "ablation.png")
+    table = (
+        res[res["strategy"] != "dense"]
+        .pivot_table(index="strategy", columns="neuron_sparsity", values="perplexity")
+        .sort_index(axis=1)
+    )
+    lines = [f"Dense perplexity: **{float(dense['perplexity'].iloc[0]):.3f}**; "]
+    lines[0] += "random is the mean of 3 seeds."
+    lines += ["", _md(table.reset_index()), ""]
+    if "wd-top" in table.index:
         verdicts = []
-        for col in t.columns:
-            others = t[col].drop("wd-top")
-            ok = bool((t.loc["wd-top", col] > others).all())
+        for col in table.columns:
+            others = table[col].drop("wd-top")
+            holds = bool((table.loc["wd-top", col] > others).all())
             verdicts.append(
-                f"{col:g}: {'yes' if ok else 'no (' + others.idxmax() + ' hurts more)'}"
+                f"{col:g}: " + ("yes" if holds else f"no ({others.idxmax()} hurts more)")
             )
-        lines.append(
-            "**Claim: sparsifying the WD neurons hurts more than every control** - "
-            + "; ".join(verdicts)
-            + "."
-        )
-    cmds = [_cmd(rank_argv)] + [_cmd(a) for a in argvs]
+        lines.append("**Claim: sparsifying WD neurons hurts more than every control**: ")
+        lines[-1] += "; ".join(verdicts) + "."
     lines += [
         "",
         "Files: `experiments/results/paper/ablation.csv`, `experiments/results/paper/ablation.png`",
     ]
-    lines += ["Commands:", "", "```", *cmds, "```"]
-    missing = [
-        s
-        for s, a in zip(ABLATION_SPARSITIES, argvs, strict=True)
-        if folder_state(out_of(a)).kind != "finished"
-    ]
-    if missing:
-        lines.append(f"*Not run yet: neuron sparsity {', '.join(missing)}.*")
-    return lines
+    return lines + _footer([rank, *done], missing)
 
 
-def collect(runs: str) -> Path:
-    """Write RESULTS.md (and copy its files) from the finished runs under ``runs``."""
-    cmd = commands(runs)
+def collect(all_steps: list[Step]) -> Path:
+    """Write RESULTS.md from the copied files."""
+    by = {s.name: s for s in all_steps}
+    grid = [s for s in all_steps if s.name.startswith("grid")]
+    ablate = [s for s in all_steps if s.name.startswith("ablate")]
     text = [
         "# Results on the embedded model (SmolLM2-135M, embedded Wikipedia)",
         "",
-        "Written by `python experiments/paper_results.py` (see its docstring); every table below",
-        "names the command that made it.  Perplexity = exp(mean NLL) on "
-        f"{EVAL_TOKENS} held-out tokens.  SparseGPT is the reference's whole-matrix rule.",
+        "Written by `python experiments/paper_results.py` from the files in",
+        "`experiments/results/paper/`; each section lists the commands that made its numbers.",
+        f"Perplexity = exp(mean NLL) on {EVAL_TOKENS} held-out tokens; SparseGPT is the",
+        "reference's whole-matrix rule; Sparse Expansion uses 5 k-means restarts.",
         "",
         "## W1(sparse, dense) of a Wasserstein neuron vs the number of experts",
         "",
-        *w1_section(cmd["w1"][0]),
+        *w1_section(by["w1"]),
         "",
-        "## Baselines at 50% and the Sparse Expansion grid (every MLP linear)",
+        "## The baselines at 50% and the Sparse Expansion grid (every MLP linear)",
         "",
-        *grid_section(runs, cmd["grid"][0]),
+        *grid_section(grid),
         "",
         "## Ablation: sparsifying the top-3% neurons of each layer vs control sets",
         "",
-        *ablation_section(cmd["ablate"], cmd["rank"][0]),
+        *ablation_section(ablate, by["rank"]),
         "",
     ]
     REPORT.write_text("\n".join(text))
@@ -303,21 +303,26 @@ def collect(runs: str) -> Path:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/paper", help="folder of the run folders")
-    p.add_argument(
-        "--stages", default=",".join(STAGES), help="comma-separated: " + ",".join(STAGES)
-    )
+    p.add_argument("--steps", default=None, help="comma-separated step names (default: all)")
     p.add_argument("--collect-only", action="store_true", help="only rewrite RESULTS.md")
+    p.add_argument("--list", action="store_true", help="print the steps and exit")
     args = p.parse_args(argv)
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
+    all_steps = steps(args.runs)
+    names = [s.name for s in all_steps]
+    chosen = names if args.steps is None else [n for n in args.steps.split(",") if n]
+    unknown = [n for n in chosen if n not in names]
     if unknown:
-        p.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    cmd = commands(args.runs)
+        p.error(f"unknown steps {unknown}; choose from {', '.join(names)}")
+    if args.list:
+        for s in all_steps:
+            print(f"{s.name:12} {'done ' if s.done() else 'to do'}  {s.command}")
+        return
     if not args.collect_only:
-        for stage in stages:
-            run_stage(cmd[stage])
-            collect(args.runs)
-    print(f"wrote {collect(args.runs)}")
+        for step in all_steps:
+            if step.name in chosen and step.files and not step.done():
+                run_step(step, all_steps)
+                collect(all_steps)
+    print(f"wrote {collect(all_steps)}")
 
 
 if __name__ == "__main__":

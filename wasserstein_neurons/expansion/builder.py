@@ -60,7 +60,12 @@ Speed on CPU
   :math:`\lVert DHD^\top \rVert` error traces single-threaded: these are thousands of small
   kernels, and OpenMP synchronisation makes them 10-30x slower with 2 threads on a loaded
   2-core machine (measured: one ``1536 x 576`` SparseGPT prune 0.1-0.2 s with 1 thread,
-  2.6-10 s with 2).  Large GEMMs (Hessians, PCA, layer passes) keep torch's thread setting.
+  2.6-10 s with 2).  Large GEMMs (the PCA covariance, layer passes) keep torch's thread
+  setting.
+* ``workers`` (default: torch's thread count, at most 4) uses the cores instead for
+  independent work: the k-means restarts of a router and the experts of a linear (each
+  cluster's Hessian and SparseGPT prune) run side by side on worker threads with one torch
+  thread each (:mod:`.threads`); the experts and routers are the same tensors for any count.
 
 Memory
 ------

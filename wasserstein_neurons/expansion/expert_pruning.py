@@ -35,7 +35,7 @@ from torch import Tensor
 from ..pruning import PruneSpec, SparseGPTPruner
 from .expert_linear import ExpertRoutedLinear
 from .router import Router, SmallClusterWarning, fit_router
-from .threads import cpu_threads, resolve_workers, thread_map
+from .threads import cpu_threads, resolve_workers, thread_imap
 
 if TYPE_CHECKING:
     from .builder import ExpansionConfig
@@ -300,9 +300,10 @@ class GroupExperts:
         boundaries (for ``k = 1``).  Clusters below ``min_expert_tokens`` are only recorded
         (their :math:`H_c` kept to measure their error) for :meth:`prune_fallbacks`.
 
-        With ``k > 1`` the clusters are built ``workers`` at a time (:func:`.threads.thread_map`,
+        With ``k > 1`` the clusters are built by ``workers`` threads (:func:`.threads.thread_imap`,
         each Hessian and prune with ``cpu_threads`` torch threads, so the experts do not depend
-        on the worker count); :math:`H_\Sigma` and the error sums are added in cluster order.
+        on the worker count); :math:`H_\Sigma` and the error sums are added in cluster order,
+        and at most ``workers + 1`` finished clusters wait to be added (bounded memory).
         """
         cfg, k = self.cfg, self.k
         self.experts = {
@@ -325,12 +326,9 @@ class GroupExperts:
             )
             return
         todo = [c for c in range(k) if int(self.counts[c]) > 0]
-        workers = self.workers()
-        for i in range(0, len(todo), workers):
-            wave = todo[i : i + workers]
-            done = thread_map(lambda c: self._build_cluster(c, xs, starts), wave, workers)
-            for c, (own, res) in zip(wave, done, strict=True):
-                self._add_cluster(c, own, res)
+        built = thread_imap(lambda c: self._build_cluster(c, xs, starts), todo, self.workers())
+        for c, (own, res) in zip(todo, built, strict=True):
+            self._add_cluster(c, own, res)
 
     def _build_cluster(
         self, c: int, xs: Tensor, starts: list[int]

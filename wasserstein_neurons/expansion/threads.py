@@ -15,6 +15,7 @@ it would run alone with one torch thread, so results do not depend on the number
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["MAX_DEFAULT_WORKERS", "cpu_threads", "resolve_workers", "thread_map"]
+__all__ = ["MAX_DEFAULT_WORKERS", "cpu_threads", "resolve_workers", "thread_imap", "thread_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,17 +77,32 @@ def resolve_workers(workers: int | None, device: torch.device) -> int:
     return int(workers)
 
 
-def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
-    """``[fn(x) for x in items]``, computed by ``workers`` threads with one torch thread each.
+def thread_imap(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn(x) for x in items``, computed by ``workers`` threads with one torch thread each.
 
-    Results come back in the order of ``items``.  With one worker (or one item) ``fn`` runs
-    in the calling thread under the current torch thread setting.
+    Results are yielded in the order of ``items``; at most ``workers + 1`` are computed ahead
+    of the consumer (so memory is bounded), and a long item does not stop the other workers
+    (no wave barrier).  With one worker (or one item) ``fn`` runs in the calling thread under
+    the current torch thread setting.  The torch thread count stays 1 while the consumer runs.
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
+        yield from (fn(x) for x in items)
+        return
+    ahead = workers + 1
     with (
         cpu_threads(1, torch.device("cpu")),
         ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool,
     ):
-        return list(pool.map(fn, items))
+        pending = deque(pool.submit(fn, x) for x in items[:ahead])
+        for x in items[ahead:]:
+            done = pending.popleft().result()
+            pending.append(pool.submit(fn, x))
+            yield done
+        while pending:
+            yield pending.popleft().result()
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """``list(thread_imap(fn, items, workers))``: every result, in the order of ``items``."""
+    return list(thread_imap(fn, items, workers))
