@@ -141,17 +141,21 @@ def tiny_tokenizer():
     return make_tokenizer()
 
 
+def save_tiny_model(path, family: str = "llama", seed: int = 0):
+    """Save a tiny random ``family`` model and its tokenizer as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(make_config(family, len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama saved as a local Hugging Face folder (model + tokenizer)."""
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(make_config("llama", len(tok))).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

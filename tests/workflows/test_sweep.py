@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import make_config, make_tokenizer
+from conftest import save_tiny_model
 
 from wasserstein_neurons.cli import main
 from wasserstein_neurons.workflows import PruneConfig, run_prune
@@ -15,15 +15,7 @@ from wasserstein_neurons.workflows.sweep import load_sweep, run_sweep
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = make_tokenizer()
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(make_config("gpt2", len(tok))).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", seed=1)
 
 
 def _file(tmp_path, models, corpus, **extra) -> str:

@@ -67,6 +67,12 @@ class AblateConfig(EngineSettings, PositionSettings, CalibrationSettings, EvalSe
         self.validate_calibration()
         self.validate_positions(self.seqlen)
 
+    @classmethod
+    def from_dict(cls, config: dict, **overrides) -> AblateConfig:
+        """Inverse of ``dataclasses.asdict`` (the study rebuilt as an ``AblationConfig``);
+        ``overrides`` replace fields."""
+        return cls(**{**config, "study": AblationConfig(**config["study"]), **overrides})
+
 
 _PROTOCOL = {"exclude_positions": 0, "exclude_special": False, "bos": False}
 
@@ -226,8 +232,7 @@ def ablate_trial(config: dict, only: list[int]) -> dict:
     of an ablation study as a trial (:mod:`wasserstein_neurons.trials`): the run's ``config``
     (``asdict(AblateConfig)``, with ``ranking`` set) in, the dense row and those settings' rows
     out. It calibrates on the same seeded windows and selects from the same ranking."""
-    study = AblationConfig(**config["study"])
-    cfg = AblateConfig(**{**config, "study": study, "engine": "local", "ray_address": None})
+    cfg = AblateConfig.from_dict(config, engine="local", ray_address=None)
     model = cfg.load()
     table = load_ranking(cfg.ranking, model.name, cfg)
     cache, stats = _calibrate(cfg, model, cfg.calibration_windows(model), False)

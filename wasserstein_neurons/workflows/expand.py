@@ -363,10 +363,9 @@ def run_expand(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     model = models.peek()
     name = model.name
     cal_w, eval_w = _windows(model, cfg)
+    del model  # the cells reuse / free it through `models`
     with plan.start() as run:
-        rows = [_row(model, "dense", 1, 0.0, 0, 0, build_seconds=0.0)]
-        rows[0].update(_evaluate(model, eval_w, cfg, progress))
-        del model  # the cells reuse / free it through `models`
+        rows = [_local_cell(models, DENSE_CELL, cal_w, eval_w, cfg, progress)[0]]
         pattern = cfg.spec().label
         tables = []
         cells = [("sparse_expansion", cfg.experts)] if cfg.experts > 1 else []
@@ -407,8 +406,9 @@ def run_grid(cfg: ExpandConfig, progress: bool = True) -> pd.DataFrame:
     ``config.json`` is marked finished at the end; ``layers.csv`` holds the per-linear
     summaries.  With ``cfg.resume`` the cells already in ``results.csv`` are skipped.
 
-    Cost on the embedded model (CPU): one SE build is 15-35 min and one evaluation a few
-    minutes, so the default grid (4 sparsities x 7 models) takes many hours; use
+    Cost on the embedded model (2-core CPU): one 16-expert build is about 9 min, a SparseGPT
+    build about 4 and one evaluation a few minutes, so the default grid (4 sparsities x 7
+    models) takes hours; use
     ``grid_sparsities`` / ``grid_experts`` / ``nsamples`` to shrink it.
 
     Returns

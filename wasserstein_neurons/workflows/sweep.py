@@ -172,9 +172,7 @@ def _config(cls, values: dict, model: str, out: Path):
 def sweep_trial(trial: str, workflow: str, model: str, params: dict, config: dict) -> dict:
     """Run one trial (on any engine): its workflow into its folder; returns its rows."""
     cls = WORKFLOWS[workflow]
-    if cls is AblateConfig:
-        config = dict(config, study=AblationConfig(**config["study"]))
-    cfg = cls(**config)
+    cfg = AblateConfig.from_dict(config) if cls is AblateConfig else cls(**config)
     table = _RUNNERS[workflow](cfg)
     head = {"trial": trial, "model": model, "workflow": workflow, **params}
     return {"rows": [{**head, **row} for row in table.to_dict(orient="records")]}
