@@ -238,6 +238,32 @@ def test_moe_and_ssm_are_refused_with_a_reason(model_type, reason):
         load_model(model_type, hf_model=hf, tokenizer=tok)
 
 
+def test_moe_folder_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """A saved MoE checkpoint is refused from its config alone: no weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    cfg = AutoConfig.for_model(
+        "mixtral", vocab_size=len(tok), **dict(_SIZES, num_local_experts=4, num_experts_per_tok=2)
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(ModelLoadError, match="mixtral.*num_local_experts = 4.*models"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", TESTED_MODEL_TYPES)
+def test_dense_configs_pass_the_early_moe_check(model_type):
+    from wasserstein_neurons.architectures import refuse_from_config
+
+    refuse_from_config(tiny_config(model_type, 300))  # raises for a MoE config
+
+
 def test_models_command_lists_the_matrix(capsys):
     from wasserstein_neurons.cli import main
 

@@ -191,6 +191,26 @@ def _refuse(model_type: str, why: str) -> UnsupportedArchitecture:
     )
 
 
+#: Config fields that count the experts of a mixture-of-experts MLP (Mixtral, Qwen2 / Qwen3-MoE,
+#: OLMoE, DeepSeek, ...); a dense model has none of them, or a count of at most 1.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def refuse_from_config(config) -> None:
+    """Raise :class:`UnsupportedArchitecture` when the config alone shows a mixture-of-experts
+    MLP (an expert count above 1), so a large MoE checkpoint is refused before any weight is
+    read.  The bridge-based check of :func:`adapter_from_bridge` stays the definitive one."""
+    model_type = getattr(config, "model_type", None) or "?"
+    for name in EXPERT_COUNT_FIELDS:
+        count = getattr(config, name, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+            raise _refuse(
+                model_type,
+                f"its MLP is a mixture of experts ({name} = {count} in its config; a neuron "
+                "belongs to one expert and sees only the tokens routed to it)",
+            )
+
+
 def _mlp_bridge(block: nn.Module, model_type: str) -> nn.Module:
     from transformer_lens.model_bridge.generalized_components.moe import MoEBridge
 

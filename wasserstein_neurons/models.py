@@ -36,6 +36,7 @@ from .architectures import (  # noqa: F401 (ArchitectureAdapter, MLPLinearSpec: 
     UnsupportedArchitecture,
     adapter_from_bridge,
     install_fused_gate_up,
+    refuse_from_config,
 )
 from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
     CACHE_ENV,
@@ -133,8 +134,11 @@ def _from_pretrained(name: str, dtype: torch.dtype):
         raise ModelLoadError(f"{name!r} is a local path but holds no config.json")
     source = str(local) if local.exists() else name
     try:
+        _refuse_moe_early(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as err:
         reason = " ".join(str(err).split())[:400] or type(err).__name__
         if local.exists():
@@ -147,6 +151,17 @@ def _from_pretrained(name: str, dtype: torch.dtype):
             f"(no network?). Underlying error: {reason[:200]}"
         ) from None
     return model, tokenizer
+
+
+def _refuse_moe_early(source: str) -> None:
+    """Read only the config of ``source`` and refuse a mixture-of-experts model before its
+    weights load (``ModelLoadError``)."""
+    from transformers import AutoConfig
+
+    try:
+        refuse_from_config(AutoConfig.from_pretrained(source))
+    except UnsupportedArchitecture as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def boot_bridge(name: str, hf_model: nn.Module, tokenizer, device: torch.device):
