@@ -211,15 +211,21 @@ def w1_section(step: Step) -> list[str]:
     return lines
 
 
+def _joined(steps: list[Step], key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The copied tables of ``steps`` as one, with a single ``dense`` row (``key`` names it)."""
+    res = pd.concat([pd.read_csv(RESULTS / next(iter(s.files.values()))) for s in steps])
+    dense = res[res[key] == "dense"]
+    return pd.concat([dense.iloc[:1], res[res[key] != "dense"]], ignore_index=True), dense
+
+
 def grid_section(grid_steps: list[Step]) -> list[str]:
     """The baselines at 50% and the SE grid, with SE's gain over SparseGPT."""
     done = [s for s in grid_steps if s.done()]
     missing = [s for s in grid_steps if not s.done()]
     if not done:
         return ["*Not run yet.*"]
-    res = pd.concat([pd.read_csv(RESULTS / next(iter(s.files.values()))) for s in done])
-    dense = res[res["method"] == "dense"]
-    res = pd.concat([dense.iloc[:1], res[res["method"] != "dense"]], ignore_index=True)
+    res, dense = _joined(done, "method")
+    res["pattern"] = res["pattern"].astype(str)
     res.to_csv(RESULTS / "grid.csv", index=False)
     fig = plotting.plot_expansion_grid(res, title="smollm2-135m: every MLP linear pruned")
     plotting.save_figure(fig, RESULTS / "grid.png")
@@ -236,16 +242,33 @@ def grid_section(grid_steps: list[Step]) -> list[str]:
     lines = [f"Dense perplexity: **{float(dense['perplexity'].iloc[0]):.3f}**.", ""]
     lines += [_md(table.reset_index()), ""]
     if "sparsegpt" in table.index:
-        gains = [
-            {"": n, **{c: f"{100 * v:+.1f}%" for c, v in gain.dropna().items()}}
-            for n in order
-            if n.startswith("SE")
-            for gain in [(table.loc["sparsegpt"] - table.loc[n]) / table.loc["sparsegpt"]]
-        ]
+        gain = (table.loc["sparsegpt"] - table) / table.loc["sparsegpt"]
+        gain = gain.loc[[n for n in order if n.startswith("SE")]]
+        shown = gain.apply(lambda col: col.map(lambda v: f"{100 * v:+.1f}%"))
         lines += ["Gain of SE over SparseGPT, (ppl_SparseGPT - ppl_SE) / ppl_SparseGPT:", ""]
-        lines += [_md(pd.DataFrame(gains)), ""]
+        lines += [_md(shown.reset_index()), "", *_se_claim(gain), ""]
     lines += ["Files: `experiments/results/paper/grid.csv`, `experiments/results/paper/grid.png`"]
     return lines + _footer(done, missing)
+
+
+def _se_claim(gain: pd.DataFrame) -> list[str]:
+    """SE beats SparseGPT, the gap growing with sparsity and with k: read off the gain table
+    (rows ``SE k=K`` in increasing K, columns the sparsity patterns)."""
+    if gain.empty:
+        return []
+    beats = bool((gain > 0).all().all())
+    numeric = sorted((c for c in gain.columns if c.replace(".", "", 1).isdigit()), key=float)
+    by_s = [bool(gain.loc[n, numeric].is_monotonic_increasing) for n in gain.index]
+    by_k = [bool(gain[c].is_monotonic_increasing) for c in gain.columns]
+    yes = {True: "yes", False: "no"}
+    return [
+        f"**Claim: SE beats SparseGPT**: {yes[beats]} in every measured cell. "
+        f"**The gap grows with sparsity** ({', '.join(numeric)}): "
+        + ", ".join(f"{n}: {yes[b]}" for n, b in zip(gain.index, by_s, strict=True))
+        + ". **The gap grows with k**: "
+        + ", ".join(f"{c}: {yes[b]}" for c, b in zip(gain.columns, by_k, strict=True))
+        + "."
+    ]
 
 
 def ablation_section(ablate_steps: list[Step], rank: Step) -> list[str]:
@@ -254,9 +277,7 @@ def ablation_section(ablate_steps: list[Step], rank: Step) -> list[str]:
     missing = [s for s in ablate_steps if not s.done()]
     if not done:
         return ["*Not run yet.*"]
-    res = pd.concat([pd.read_csv(RESULTS / next(iter(s.files.values()))) for s in done])
-    dense = res[res["strategy"] == "dense"]
-    res = pd.concat([dense.iloc[:1], res[res["strategy"] != "dense"]], ignore_index=True)
+    res, dense = _joined(done, "strategy")
     res.to_csv(RESULTS / "ablation.csv", index=False)
     title = "smollm2-135m: top 3% neurons per layer, rows pruned by sparsegpt"
     plotting.save_figure(plotting.plot_ablation(res, title), RESULTS / "ablation.png")
