@@ -106,8 +106,8 @@ CASES = [
     ),
     (
         "offload where it is not supported",
-        lambda w, r: _args(w, "disentangle", r("new"), "--offload", "disk"),
-        "--offload is not supported by disentangle yet",
+        lambda w, r: _args(w, "ablate", r("new"), "--offload", "disk"),
+        "--offload is not supported by ablate yet",
     ),
     (
         "architecture the bridge does not map",

@@ -137,6 +137,21 @@ def test_rank_and_expand_workflows_equal_with_offload(folders, corpus, tmp_path)
         )
 
 
+def test_disentangle_equals_with_offload(folders, corpus, tmp_path):
+    """The one-layer study reads the same inputs and weights through the offloaded model."""
+    from wasserstein_neurons.workflows import DisentangleConfig, run_disentangle
+
+    base = dict(model=str(folders["llama"]), dataset=str(corpus), seqlen=32, layer=1)
+    base.update(experts="1,2", sparsity=0.5, nsamples=8, eval_tokens=256, kmeans_restarts=2)
+    for offload in (None, "disk"):
+        cfg = DisentangleConfig(out=str(tmp_path / f"dis-{offload}"), offload=offload, **base)
+        run_disentangle(cfg, progress=False)
+    for name in ("neurons", "per_k"):
+        pd.testing.assert_frame_equal(
+            _table(tmp_path / "dis-None", name), _table(tmp_path / "dis-disk", name)
+        )
+
+
 def test_offload_errors_are_clear(folders, tmp_path):
     with pytest.raises(ValueError, match="unknown offload 'tape'"):
         load_model(str(folders["llama"]), offload="tape")

@@ -102,7 +102,8 @@ class ModelSettings:
         layer yet (``what``: the command or option)."""
         if check_offload(self.offload):
             raise ValueError(
-                f"--offload is not supported by {what} yet; rank, eval, prune and expand support it"
+                f"--offload is not supported by {what} yet; rank, eval, prune, expand and "
+                "disentangle support it"
             )
 
     def load(self, model: LoadedModel | None = None) -> LoadedModel:

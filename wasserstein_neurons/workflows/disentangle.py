@@ -25,6 +25,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,7 +136,6 @@ class DisentangleConfig(PositionSettings, SparsitySettings, CalibrationSettings,
         """Raise ``ValueError`` for settings that cannot work (before any model is loaded)."""
         self.spec()
         resolve_experts(self.experts)
-        self.refuse_offload("disentangle")
         check_percent(self.top_percent)
         self.validate_eval()
         self.validate_calibration()
@@ -296,12 +296,12 @@ def _analyse(
 ) -> DisentangleResult:
     """:func:`disentangle_linear` of the studied linear, its rows labelled with layer and hook."""
     adapter = model.adapter
-    bias = getattr(adapter.linear(model.hf_model, layer, role), "bias", None)
+    weight, bias = _linear_params(model, layer, role)
     result = disentangle_linear(
         x_cal,
         x_eval,
-        adapter.weight(model.hf_model, layer, role).detach(),
-        None if bias is None else bias.detach(),
+        weight,
+        bias,
         spec=cfg.spec(),
         device=model.device,
         progress=progress,
@@ -315,6 +315,17 @@ def _analyse(
     result.table.insert(0, "layer", layer)
     result.summary.update({"layer": layer, "role": role, "hook": hook})
     return result
+
+
+def _linear_params(model, layer: int, role: str) -> tuple[Tensor, Tensor | None]:
+    """Copies of the studied linear's ``[out, in]`` weight and bias (with ``--offload`` its
+    layer is materialised for the copy and released unchanged)."""
+    adapter, hf = model.adapter, model.hf_model
+    ctx = model.offload.resident(layer, keep_edits=False) if model.offload else nullcontext()
+    with ctx, torch.no_grad():
+        bias = getattr(adapter.linear(hf, layer, role), "bias", None)
+        weight = adapter.weight(hf, layer, role).detach().clone()
+        return weight, None if bias is None else bias.detach().clone()
 
 
 def _run_record(cfg: DisentangleConfig, model, corpus: dict, summary: dict) -> dict:
