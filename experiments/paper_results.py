@@ -143,7 +143,7 @@ def steps(runs: str) -> list[Step]:
         for s in ABLATION_SPARSITIES
     }
     a, g = ablate, grid
-    return [w1, g["0.9"], rank, a["0.5"], a["0.9"], g["0.5"], a["0.99"], g["0.7"], a["0.8"],
+    return [w1, g["0.9"], g["0.5"], rank, a["0.5"], a["0.9"], a["0.99"], g["0.7"], a["0.8"],
             a["0.95"], g["2:4"]]  # fmt: skip
 
 

@@ -17,10 +17,10 @@ The paper (Sawmya et al., arXiv:2405.15756) uses :math:`p = d_{in} / 32`, :math:
 100 k-means restarts and seed 0 (scikit-learn ``PCA`` + ``KMeans``).  :func:`fit_router` does the
 same in torch, so it runs on CPU or CUDA:
 
-* PCA: centre in float64, accumulate the covariance :math:`\frac{1}{n-1} \sum_t (x_t - \mu)
-  (x_t - \mu)^\top` chunk by chunk (float32 products, float64 sums), ``torch.linalg.eigh`` in
-  float64, keep the top-:math:`p` eigenvectors (sign fixed so the largest-magnitude entry of
-  each is positive);
+* PCA: centre with the mean (float32 chunk sums added in float64), accumulate the covariance
+  :math:`\frac{1}{n-1} \sum_t (x_t - \mu) (x_t - \mu)^\top` chunk by chunk (float32
+  products as a symmetric Gram, float64 sums), ``torch.linalg.eigh`` in float64, keep the
+  top-:math:`p` eigenvectors (sign fixed so the largest-magnitude entry of each is positive);
 * k-means: k-means++ seeding, Lloyd iterations (assignment with the matmul expansion in
   float32, centroid sums in float64), several restarts, keep the lowest inertia
   :math:`\sum_t \lVert z_t - c_{e(t)} \rVert^2`.  A cluster that becomes empty is re-seeded
