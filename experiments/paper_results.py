@@ -261,13 +261,20 @@ def _se_claim(gain: pd.DataFrame) -> list[str]:
     by_s = [bool(gain.loc[n, numeric].is_monotonic_increasing) for n in gain.index]
     by_k = [bool(gain[c].is_monotonic_increasing) for c in gain.columns]
     yes = {True: "yes", False: "no"}
+    with_s = (
+        ", ".join(f"{n}: {yes[b]}" for n, b in zip(gain.index, by_s, strict=True))
+        if len(numeric) > 1
+        else "not testable yet (one sparsity measured)"
+    )
+    with_k = (
+        ", ".join(f"{c}: {yes[b]}" for c, b in zip(gain.columns, by_k, strict=True))
+        if len(gain.index) > 1
+        else "not testable yet (one k measured)"
+    )
     return [
-        f"**Claim: SE beats SparseGPT**: {yes[beats]} in every measured cell. "
-        f"**The gap grows with sparsity** ({', '.join(numeric)}): "
-        + ", ".join(f"{n}: {yes[b]}" for n, b in zip(gain.index, by_s, strict=True))
-        + ". **The gap grows with k**: "
-        + ", ".join(f"{c}: {yes[b]}" for c, b in zip(gain.columns, by_k, strict=True))
-        + "."
+        f"**Claim: SE beats SparseGPT**: {yes[beats]} in every measured "
+        f"cell. **The gap grows with sparsity** ({', '.join(numeric)}): {with_s}. "
+        f"**The gap grows with k**: {with_k}."
     ]
 
 
