@@ -105,11 +105,6 @@ CASES = [
         "unknown offload 'tape'; valid: none, cpu, disk",
     ),
     (
-        "offload where it is not supported",
-        lambda w, r: _args(w, "ablate", r("new"), "--offload", "disk"),
-        "--offload is not supported by ablate yet",
-    ),
-    (
         "architecture the bridge does not map",
         lambda w, r: _args(w, "prune", r("new"), model=str(w["root"] / "ctrl")),
         "does not map the architecture CTRLLMHeadModel",

@@ -39,10 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .capture import run_hooked
@@ -58,6 +60,7 @@ from .interventions import (
     intervened,
     intervention_hooks,
 )
+from .offload import LayerPatches, layer_resident
 from .pruning import PRUNERS, Pruner, PruneSpec, WeightSnapshot, check_method, make_pruner
 from .ranking import count_for_percent
 
@@ -83,8 +86,9 @@ def _norm_scores(model, layer: int, hook: str) -> np.ndarray:
     down projection (``hook_post``, the down projection's input)."""
     adapter = model.adapter
     role = next(s.role for s in adapter.linears if s.neuron_hook == hook)
-    w = adapter.weight(model.hf_model, layer, role).float()
-    return (w.norm(dim=0) if role == "down" else w.norm(dim=1)).cpu().numpy()
+    with layer_resident(getattr(model, "offload", None), layer, keep_edits=False):
+        w = adapter.weight(model.hf_model, layer, role).float()
+        return (w.norm(dim=0) if role == "down" else w.norm(dim=1)).cpu().numpy()
 
 
 def select_neurons(
@@ -178,6 +182,48 @@ def collect_calibration(
     return cache
 
 
+@dataclass
+class _RowEdit:
+    """New values of some rows (or, with ``columns``, columns) of one linear's ``[out, in]``
+    weight."""
+
+    role: str
+    index: Tensor
+    values: Tensor
+    columns: bool = False
+
+
+def _neuron_edits(
+    model, layer: int, index: Tensor, neuron_sparsity: float, cache, include_down: bool
+) -> list[_RowEdit]:
+    """The pruned rows of the neurons ``index`` of ``layer``: each neuron role's rows by the
+    cache's pruner, and with ``include_down`` their input columns of ``down`` by magnitude."""
+    adapter, edits = model.adapter, []
+    spec = PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)
+    for role in adapter.neuron_roles:
+        weight = adapter.weight(model.hf_model, layer, role)
+        rows = cache.pruners[(layer, role)].prune(weight, spec).weight[index]
+        edits.append(_RowEdit(role, index.to(weight.device), rows.to(weight.dtype)))
+    if include_down:
+        down = adapter.weight(model.hf_model, layer, "down")  # [d_model, d_mlp]
+        pruned = make_pruner("magnitude", down.shape[0]).prune(down.T.contiguous(), spec)
+        values = pruned.weight[index].T.to(down.dtype)
+        edits.append(_RowEdit("down", index.to(down.device), values, columns=True))
+    return edits
+
+
+def _write_edits(model, layer: int, edits: list[_RowEdit], snapshot=None) -> None:
+    """Write ``edits`` into ``layer``'s weights (saving the old values in ``snapshot``)."""
+    for e in edits:
+        weight = model.adapter.weight(model.hf_model, layer, e.role)
+        if snapshot is not None:
+            snapshot.add(weight, e.index, columns=e.columns, layer=layer, role=e.role)
+        if e.columns:
+            weight[:, e.index] = e.values
+        else:
+            weight[e.index] = e.values
+
+
 @torch.no_grad()
 def sparsify_neurons(
     model,
@@ -185,29 +231,25 @@ def sparsify_neurons(
     neuron_sparsity: float,
     cache: CalibrationCache,
     include_down: bool = False,
-) -> WeightSnapshot:
-    """Prune the selected neurons' rows in place; returns the snapshot that undoes it.
+) -> WeightSnapshot | LayerPatches:
+    """Prune the selected neurons' rows; returns the handle whose ``restore()`` undoes it.
 
-    ``selection`` maps layer → neuron indices. Every other weight stays bit-identical.
+    ``selection`` maps layer → neuron indices. Every other weight stays bit-identical. In
+    memory the rows are edited in place and a :class:`WeightSnapshot` keeps the old ones; with
+    offload each layer is materialised to compute its rows, which then become
+    :meth:`~wasserstein_neurons.offload.LayerOffload.patch` edits applied on every load.
     """
-    adapter = model.adapter
-    snapshot = WeightSnapshot()
+    offload = getattr(model, "offload", None)
+    snapshot, patches = WeightSnapshot(), {}
     for layer, neurons in selection.items():
         index = torch.as_tensor(neurons, dtype=torch.long)
-        spec = PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)
-        for role in adapter.neuron_roles:
-            weight = adapter.weight(model.hf_model, layer, role)
-            snapshot.add(weight, index.to(weight.device), layer=layer, role=role)
-            result = cache.pruners[(layer, role)].prune(weight, spec)
-            weight[index] = result.weight[index]
-        if include_down:
-            down = adapter.weight(model.hf_model, layer, "down")  # [d_model, d_mlp]
-            snapshot.add(down, index.to(down.device), columns=True, layer=layer, role="down")
-            pruned = make_pruner("magnitude", down.shape[0]).prune(
-                down.T.contiguous(), PruneSpec(sparsity=neuron_sparsity, rows=index, per_row=True)
-            )
-            down[:, index] = pruned.weight[index].T.to(down.dtype)
-    return snapshot
+        with layer_resident(offload, layer, keep_edits=False):
+            edits = _neuron_edits(model, layer, index, neuron_sparsity, cache, include_down)
+        if offload is None:
+            _write_edits(model, layer, edits, snapshot)
+        else:
+            patches[layer] = partial(_write_edits, model, layer, edits)
+    return snapshot if offload is None else offload.patch(patches)
 
 
 def _names(value: str | Sequence[str], valid: Sequence[str], what: str) -> list[str]:

@@ -57,7 +57,6 @@ See ``ARCHITECTURE.md`` for how the pruning driver and the expansion builder sit
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -65,6 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .bridge import clean_module_path, is_linear, linear_weight, replace_linear
+from .offload import layer_resident
 
 __all__ = [
     "LayerContext",
@@ -597,7 +597,7 @@ def sequential_layerwise(
         bar = tqdm(range(chosen[-1] + 1), desc=desc, disable=not progress, leave=False)
         weights = getattr(model, "offload", None)  # offloaded layers: pin the current one
         for index in bar:
-            with weights.resident(index) if weights is not None else nullcontext():
+            with layer_resident(weights, index):
                 ctx = LayerContext(model, index, decoder[index], hidden, extras, slices, device)
                 if index in wanted:
                     process_layer(ctx)

@@ -35,8 +35,8 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,7 +44,15 @@ from torch import nn
 
 from .bridge import clean_module_path, module_paths, unwrap
 
-__all__ = ["OFFLOAD_MODES", "LayerOffload", "ShardReader", "OffloadError", "tensor_slots"]
+__all__ = [
+    "OFFLOAD_MODES",
+    "LayerOffload",
+    "LayerPatches",
+    "OffloadError",
+    "ShardReader",
+    "layer_resident",
+    "tensor_slots",
+]
 
 OFFLOAD_MODES = ("cpu", "disk")
 
@@ -200,6 +208,7 @@ class LayerOffload:
         self._scratch: Path | None = None
         self._resident: set[int] = set()
         self._pinned: set[int] = set()
+        self._patches: dict[int, Callable[[], None]] = {}
         self._writes = 0
         mmap_large_allocations()
         for index, layer in enumerate(self.layers):
@@ -253,16 +262,25 @@ class LayerOffload:
 
     def onload(self, index: int) -> None:
         """Put layer ``index``'s weights on the device."""
+        patch = self._patches.get(index)
         for module, name, key in self._slots(index):
             if not module._parameters[name].is_meta:
                 continue
             stored = self.host[key] if key in self.host else self.reader.read(key)
-            _put(module, name, stored.to(device=self.device, dtype=self.dtype))
+            tensor = stored.to(device=self.device, dtype=self.dtype)
+            if patch is not None and tensor.data_ptr() == stored.data_ptr():
+                tensor = tensor.clone()  # a patch edits a copy, never the host tensor
+            _put(module, name, tensor)
         self._resplit(index)
+        if patch is not None:
+            patch()
         self._resident.add(index)
 
     def release(self, index: int, write_back: bool = False) -> None:
         """Replace layer ``index``'s weights by placeholders; ``write_back`` keeps their edits."""
+        if write_back and index in self._patches:
+            self.release(index)
+            raise OffloadError(f"layer {index} is patched: its temporary edits cannot be kept")
         edited = {}
         prefix = self.prefixes[index]
         split = _split_parameters(self.layers[index])  # not modules added since (experts)
@@ -307,6 +325,18 @@ class LayerOffload:
             self._pinned.discard(index)
             self.release(index, write_back=ok and keep_edits)
 
+    def patch(self, edits: Mapping[int, Callable[[], None]]) -> LayerPatches:
+        """Temporary edits: ``edits[l]()`` runs each time layer ``l`` is materialised (after
+        its weights are loaded, on the device), until the returned handle's
+        :meth:`LayerPatches.restore`.  Nothing is written to the shards, the host copies or
+        the scratch files, so restoring is exact and free; a patched layer cannot be released
+        with ``write_back``.  The layers must not be resident when patched."""
+        busy = sorted(set(edits) & (self._resident | set(self._patches)))
+        if busy:
+            raise OffloadError(f"layers {busy} are resident or already patched")
+        self._patches.update(edits)
+        return LayerPatches(self, tuple(edits))
+
     def close(self) -> None:
         """Remove the hooks and the scratch folder (the model is unusable afterwards)."""
         for h in self._handles:
@@ -321,6 +351,26 @@ class LayerOffload:
 
     def __del__(self):  # pragma: no cover - best effort
         self._remove_scratch()
+
+
+class LayerPatches:
+    """Handle of :meth:`LayerOffload.patch`; :meth:`restore` drops the patches (the next load
+    of each layer reads its stored weights again)."""
+
+    def __init__(self, offload: LayerOffload, layers: tuple[int, ...]):
+        self.offload, self.layers = offload, layers
+
+    def restore(self) -> None:
+        for index in self.layers:
+            self.offload._patches.pop(index, None)
+            if index in self.offload._resident and index not in self.offload._pinned:
+                self.offload.release(index)
+
+
+def layer_resident(offload: LayerOffload | None, index: int, keep_edits: bool = True):
+    """``offload.resident(index, keep_edits)``, or a no-op for a model held in memory
+    (``offload`` is ``LoadedModel.offload``)."""
+    return nullcontext() if offload is None else offload.resident(index, keep_edits)
 
 
 # --------------------------------------------------------------------------------------------

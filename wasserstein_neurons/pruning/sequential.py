@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import pandas as pd
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from ..bridge import linear_weight
 from ..layerwise import LayerContext, resolve_layers, resolve_targets, sequential_layerwise
+from ..offload import layer_resident
 from .base import Pruner, PruneSpec
 from .registry import PRUNERS, check_method, make_pruner
 
@@ -317,7 +317,7 @@ def _prune_without_data(model, get_spec, targets, layers, group_pruner, records)
     pruner = group_pruner(model.device)
     weights = getattr(model, "offload", None)  # an offloaded layer is loaded while it is pruned
     for index in resolve_layers(layers, model.adapter.n_layers):
-        with weights.resident(index) if weights is not None else nullcontext():
+        with layer_resident(weights, index):
             for name, module in resolve_targets(model, index, targets).items():
                 spec = get_spec(index, name)
                 if spec is not None:

@@ -61,7 +61,6 @@ class AblateConfig(EngineSettings, PositionSettings, CalibrationSettings, EvalSe
 
     def validate(self) -> None:
         self.study.validate()
-        self.refuse_offload("ablate")
         self.validate_engine()
         self.validate_eval()
         self.validate_calibration()

@@ -97,15 +97,6 @@ class ModelSettings:
         resolve_dtype(self.dtype)
         check_offload(self.offload)
 
-    def refuse_offload(self, what: str) -> None:
-        """``ValueError`` when ``--offload`` is asked of a path that does not run layer by
-        layer yet (``what``: the command or option)."""
-        if check_offload(self.offload):
-            raise ValueError(
-                f"--offload is not supported by {what} yet; rank, eval, prune, expand and "
-                "disentangle support it"
-            )
-
     def load(self, model: LoadedModel | None = None) -> LoadedModel:
         """``model`` if given, else :func:`~wasserstein_neurons.models.load_model` of the
         settings' model, device and dtype; either way ``seqlen`` must fit the model's

@@ -25,7 +25,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from ..disentangle import (
     resolve_role,
 )
 from ..expansion import DEFAULT_KMEANS_RESTARTS
+from ..offload import layer_resident
 from ..ranking import check_percent
 from ..runs import save_table
 from .common import (
@@ -321,8 +321,7 @@ def _linear_params(model, layer: int, role: str) -> tuple[Tensor, Tensor | None]
     """Copies of the studied linear's ``[out, in]`` weight and bias (with ``--offload`` its
     layer is materialised for the copy and released unchanged)."""
     adapter, hf = model.adapter, model.hf_model
-    ctx = model.offload.resident(layer, keep_edits=False) if model.offload else nullcontext()
-    with ctx, torch.no_grad():
+    with layer_resident(model.offload, layer, keep_edits=False), torch.no_grad():
         bias = getattr(adapter.linear(hf, layer, role), "bias", None)
         weight = adapter.weight(hf, layer, role).detach().clone()
         return weight, None if bias is None else bias.detach().clone()
