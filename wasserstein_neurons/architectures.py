@@ -29,6 +29,7 @@ Expansion) is used by the native HF forward as well as by the bridge, and both a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -311,13 +312,49 @@ class FusedGateUp(nn.Module):
     which stays registered here so state dicts keep the HF key ``...gate_up_proj.weight``.
     """
 
-    def __init__(self, fused: nn.Module, gate: nn.Module, up: nn.Module):
+    def __init__(self, fused: nn.Module, gate: nn.Module, up: nn.Module, bridge_mlp=None):
         super().__init__()
         self.weight = fused.weight
         self.bias = getattr(fused, "bias", None)
         self.gate, self.up = gate, up
         self.in_features = fused.weight.shape[1]
         self.out_features = fused.weight.shape[0]
+        # the bridge's splitter, split_gate_up_matrix(hf_mlp) -> (gate, up), and the name it
+        # reads the fused linear under (kept as plain attributes: no module cycle)
+        self._split = getattr(bridge_mlp, "split_gate_up_matrix", None)
+        self._attr = getattr(bridge_mlp, "fused_attr", None)
+        self._views: dict | None = None  # (part, name) -> (shape, stride, offset) in the fused
+
+    def split_parameters(self) -> list[nn.Parameter]:
+        """The split linears' parameters (views of ``weight`` / ``bias``)."""
+        return [p for part in (self.gate, self.up) for p in unwrap(part).parameters()]
+
+    def resplit(self) -> None:
+        """Make the split linears views of the current fused parameters again (offload replaces
+        them on every load): where the bridge's own splitter puts each view, found once on
+        real weights (the offloaded skeleton the bridge booted on had none)."""
+        if self._views is None:
+            self._views = self._view_geometry()
+        for (part, name), (shape, stride, offset) in self._views.items():
+            source = self.weight if name == "weight" else self.bias
+            view = source.data.as_strided(shape, stride, source.storage_offset() + offset)
+            unwrap(getattr(self, part))._parameters[name] = nn.Parameter(view, requires_grad=False)
+
+    def _view_geometry(self) -> dict:
+        if self._split is None:
+            raise UnsupportedArchitecture("this fused gate/up projection has no splitter")
+        split = self._split(SimpleNamespace(**{self._attr: self}))
+        geometry = {}
+        for part, linear in zip(("gate", "up"), split, strict=True):
+            for name, t in linear._parameters.items():
+                if t is None:
+                    continue
+                source = self.weight if name == "weight" else self.bias
+                if t.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+                    raise UnsupportedArchitecture("the bridge copies the fused gate/up weights")
+                offset = t.storage_offset() - source.storage_offset()
+                geometry[part, name] = (tuple(t.shape), t.stride(), offset)
+        return geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.gate(x), self.up(x)], dim=-1)
@@ -347,7 +384,7 @@ def install_fused_gate_up(bridge) -> int:
                     f"the bridge copies the fused {attr} of {type(original).__name__}; pruning "
                     "its split linears would not change the model"
                 )
-        original._modules[attr] = FusedGateUp(fused, gate, up)
+        original._modules[attr] = FusedGateUp(fused, gate, up, mlp)
         count += 1
     return count
 

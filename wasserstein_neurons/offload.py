@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import FusedGateUp
 from .bridge import clean_module_path, module_paths, unwrap
 
 __all__ = [
@@ -144,8 +145,10 @@ def tensor_slots(root: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 def _split_parameters(layer: nn.Module) -> set[int]:
-    """ids of the parameters the bridge split off fused QKV projections (its ``q`` / ``k`` /
-    ``v`` linears): re-derived from the stored weights whenever the layer is loaded."""
+    """ids of the parameters the bridge split off fused projections (the ``q`` / ``k`` / ``v``
+    linears of a fused QKV, the ``gate`` / ``up`` of Phi-3's
+    :class:`~wasserstein_neurons.architectures.FusedGateUp`): re-derived from the stored
+    weights whenever the layer is loaded."""
     found = set()
     for module in layer.modules():
         if hasattr(module, "split_qkv_matrix"):
@@ -153,6 +156,8 @@ def _split_parameters(layer: nn.Module) -> set[int]:
                 child = module._modules.get(part)
                 if child is not None:
                     found.update(id(p) for p in unwrap(child).parameters())
+        elif isinstance(module, FusedGateUp):
+            found.update(id(p) for p in module.split_parameters())
     return found
 
 
@@ -232,8 +237,6 @@ class LayerOffload:
                     "shards nor split from one by the bridge"
                 )
             _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-        if any(getattr(m, "fused_attr", None) for m in layer.modules()):
-            raise OffloadError("offloading a fused gate_up MLP (Phi-3) is not supported yet")
 
     def _slots(self, index: int):
         """``(module, name, state-dict key)`` of layer ``index``'s stored parameters."""
@@ -243,10 +246,13 @@ class LayerOffload:
                 yield module, name, prefix + key
 
     def _resplit(self, index: int) -> None:
-        """Re-derive the bridge's split views (fused QKV) from the weights just loaded."""
+        """Re-derive the bridge's split views (fused QKV, fused gate/up) from the weights just
+        loaded."""
         for module in self.layers[index].modules():
             if hasattr(module, "split_qkv_matrix"):
                 module.set_original_component(unwrap(module))
+            elif isinstance(module, FusedGateUp):
+                module.resplit()
 
     def _hook(self, index: int):
         def before(module, args):
