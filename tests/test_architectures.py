@@ -215,6 +215,37 @@ def test_offloaded_prune_equals_in_memory(model_type, tmp_path):
         assert (weight == 0).sum().item() == weight.numel() // 2, key
 
 
+def test_offloaded_expansion_stores_experts_with_their_layer(model_type, tmp_path):
+    """Sparse Expansion (k = 2) on the offloaded model: after the build every layer parameter,
+    experts included, is a placeholder (the experts live in the scratch files), and the
+    expanded model's logits and saved experts equal the in-memory build's."""
+    from safetensors.torch import load_file
+
+    from wasserstein_neurons.expansion import save_expanded
+
+    hf, tok = tiny_hf(model_type)
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    cfg = ExpansionConfig(
+        n_experts=2, sparsity=0.5, batch_size=2, kmeans_restarts=2, min_cluster_tokens=0, sdpa=False
+    )
+    got = {}
+    for offload in (None, "disk"):
+        model = load_model(str(tmp_path / "model"), offload=offload)
+        build_se(model, windows(), cfg, progress=False)
+        if offload:
+            layers = model.adapter.decoder_layers(model.hf_model)
+            assert all(p.is_meta for layer in layers for p in layer.parameters())
+        with torch.no_grad():
+            logits = model.bridge(windows(2, seed=1))
+        saved = save_expanded(model, tmp_path / f"se-{offload}", cfg)
+        got[offload] = logits, load_file(saved / "expansion.safetensors")
+    assert torch.equal(got[None][0], got["disk"][0])
+    assert got[None][1].keys() == got["disk"][1].keys()
+    for key, t in got[None][1].items():
+        assert torch.equal(t, got["disk"][1][key]), key
+
+
 def test_perplexity_is_exp_mean_nll(model_type):
     model, ids = tiny(model_type), windows(3, seed=2)
     got = perplexity(model, ids, batch_size=2, progress=False).perplexity

@@ -325,9 +325,13 @@ class FusedGateUp(nn.Module):
         self._attr = getattr(bridge_mlp, "fused_attr", None)
         self._views: dict | None = None  # (part, name) -> (shape, stride, offset) in the fused
 
+    def _split_parts(self) -> list[str]:
+        """The parts still run by the bridge's split ``nn.Linear`` (not replaced by experts)."""
+        return [part for part in ("gate", "up") if type(unwrap(getattr(self, part))) is nn.Linear]
+
     def split_parameters(self) -> list[nn.Parameter]:
         """The split linears' parameters (views of ``weight`` / ``bias``)."""
-        return [p for part in (self.gate, self.up) for p in unwrap(part).parameters()]
+        return [p for part in self._split_parts() for p in unwrap(getattr(self, part)).parameters()]
 
     def resplit(self) -> None:
         """Make the split linears views of the current fused parameters again (offload replaces
@@ -335,7 +339,10 @@ class FusedGateUp(nn.Module):
         real weights (the offloaded skeleton the bridge booted on had none)."""
         if self._views is None:
             self._views = self._view_geometry()
+        split = self._split_parts()
         for (part, name), (shape, stride, offset) in self._views.items():
+            if part not in split:
+                continue
             source = self.weight if name == "weight" else self.bias
             view = source.data.as_strided(shape, stride, source.storage_offset() + offset)
             unwrap(getattr(self, part))._parameters[name] = nn.Parameter(view, requires_grad=False)

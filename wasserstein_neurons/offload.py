@@ -283,20 +283,29 @@ class LayerOffload:
         self._resident.add(index)
 
     def release(self, index: int, write_back: bool = False) -> None:
-        """Replace layer ``index``'s weights by placeholders; ``write_back`` keeps their edits."""
+        """Replace layer ``index``'s weights by placeholders; ``write_back`` keeps their edits.
+
+        Parameters of modules installed since the layer was placed (Sparse Expansion's
+        experts) have no stored copy yet: without ``write_back`` they stay in memory, with
+        it they are stored like edited weights (host copy or scratch file) and offloaded from
+        then on."""
         if write_back and index in self._patches:
             self.release(index)
             raise OffloadError(f"layer {index} is patched: its temporary edits cannot be kept")
         edited = {}
         prefix = self.prefixes[index]
-        split = _split_parameters(self.layers[index])  # not modules added since (experts)
+        split = _split_parameters(self.layers[index])
         for module, name, key in tensor_slots(self.layers[index]):
             p, key = module._parameters[name], prefix + key
             stored = key in self.host or key in self.reader
-            if p.is_meta or not (stored or id(p) in split):
+            if p.is_meta or id(p) in split:  # split views: re-derived on the next load
+                if not p.is_meta:
+                    _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
                 continue
-            if write_back and stored:
-                edited[key] = p.data
+            if not stored and not write_back:
+                continue  # a module added since (experts): in memory until it is stored
+            if write_back:
+                edited[key] = p.data  # an added module's tensors become stored ones here
             _put(module, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         if edited:
             self._keep(edited)

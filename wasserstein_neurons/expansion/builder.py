@@ -76,7 +76,11 @@ by default — :math:`k \times` the MLP weights (5.1 GB for 16 experts on SmolLM
 the packed storage (``compact=True``, :meth:`ExpertRoutedLinear.compact`) decompresses every
 expert at every forward call (measured ≈17 ms per ``1536 x 576`` expert single-threaded, far
 more under load, i.e. several times the GEMM itself).  With ``compact=True`` each layer is
-packed right after it has been propagated, so calibration passes still run dense.
+packed right after it has been propagated, so calibration passes still run dense.  On an
+offloaded model (``load_model(..., offload=...)``) a layer's experts are stored with the layer
+when the layer loop releases it (host copy or scratch safetensors,
+:meth:`~wasserstein_neurons.offload.LayerOffload.release`) and loaded with it on every later
+forward, so the experts never sit in memory all at once (``compact`` is refused there).
 
 Calibration size
 ----------------
@@ -650,6 +654,11 @@ def _check_expandable(model, cfg: ExpansionConfig) -> tuple[str, ...]:
     roles = _layer_roles(model, cfg)
     if not roles:
         raise ValueError("no MLP linear to expand (empty roles)")
+    if cfg.compact and getattr(model, "offload", None) is not None:
+        raise ValueError(
+            "compact=True packs experts held in memory; an offloaded model stores each "
+            "layer's experts with the layer (off the device between uses)"
+        )
     if cfg.neuron_rows is not None:
         bad = [layer for layer in cfg.neuron_rows if not 0 <= layer < model.adapter.n_layers]
         if bad:

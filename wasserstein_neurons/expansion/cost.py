@@ -11,10 +11,10 @@ r"""Per-token FLOPs, stored parameters and bytes of MLP linears (plain or expand
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 
 from torch import Tensor, nn
 
+from ..offload import layer_resident
 from .expert_linear import ExpertRoutedLinear
 
 __all__ = ["expanded_modules", "linear_costs", "mlp_cost"]
@@ -33,7 +33,7 @@ def _layer_linears(model) -> Iterator[tuple[int, dict[str, nn.Module]]]:
     adapter, hf = model.adapter, model.hf_model
     weights = getattr(model, "offload", None)
     for layer in range(adapter.n_layers):
-        with weights.resident(layer, keep_edits=False) if weights else nullcontext():
+        with layer_resident(weights, layer, keep_edits=False):
             yield layer, {role: adapter.linear(hf, layer, role) for role in adapter.roles}
 
 

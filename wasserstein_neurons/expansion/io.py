@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..bridge import replace_linear
+from ..offload import layer_resident
 from .builder import ExpansionConfig, _layer_roles
 from .expert_linear import ExpertRoutedLinear
 
@@ -102,34 +103,49 @@ def _expansion_tensors(
     storage : {"dense", "compact"} or None
         Storage of the first expanded module in memory (``None``: none).
     """
-    adapter, hf = model.adapter, model.hf_model
+    adapter = model.adapter
     layers = range(adapter.n_layers)
     roles = adapter.roles
     if cfg is not None:
         roles = _layer_roles(model, cfg)
         layers = cfg.layers if cfg.layers is not None else layers
     tensors: dict[str, Tensor] = {}
-    entries = []
+    entries: list[dict[str, Any]] = []
     storage = None
+    weights = getattr(model, "offload", None)
     for layer in layers:
-        router_owner: dict[int, str] = {}
-        for role in adapter.roles:
-            module = adapter.linear(hf, layer, role)
-            prefix = f"{layer}.{role}."
-            if isinstance(module, ExpertRoutedLinear):
-                storage = storage or ("compact" if module.is_compact else "dense")
-                shared_from = router_owner.get(id(module.router))
-                router_owner.setdefault(id(module.router), role)
-                tensors.update(_expert_tensors(module, prefix, compact, shared_from is None))
-                entries.append(
-                    {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
-                )
-            elif cfg is not None and role in roles:
-                tensors[prefix + "weight"] = _cpu_copy(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    tensors[prefix + "bias"] = _cpu_copy(module.bias)
-                entries.append({"layer": layer, "role": role, "kind": "linear"})
+        with layer_resident(weights, layer, keep_edits=False):  # offloaded: loaded, unchanged
+            kind = _layer_tensors(
+                model, layer, roles if cfg is not None else (), compact, tensors, entries
+            )
+        storage = storage or kind
     return tensors, entries, storage
+
+
+def _layer_tensors(
+    model, layer: int, plain_roles, compact: bool, tensors: dict, entries: list
+) -> str | None:
+    """Add ``layer``'s expanded modules (and its ``plain_roles`` linears) to ``tensors`` and
+    ``entries``; returns the storage of its first expanded module (``None``: none)."""
+    adapter, hf = model.adapter, model.hf_model
+    router_owner: dict[int, str] = {}
+    storage = None
+    for role in adapter.roles:
+        module = adapter.linear(hf, layer, role)
+        prefix = f"{layer}.{role}."
+        if isinstance(module, ExpertRoutedLinear):
+            storage = storage or ("compact" if module.is_compact else "dense")
+            shared_from = router_owner.get(id(module.router))
+            router_owner.setdefault(id(module.router), role)
+            tensors.update(_expert_tensors(module, prefix, compact, shared_from is None))
+            entry = {"layer": layer, "role": role, "kind": "experts", "router_from": shared_from}
+            entries.append(entry)
+        elif role in plain_roles:
+            tensors[prefix + "weight"] = _cpu_copy(module.weight)
+            if getattr(module, "bias", None) is not None:
+                tensors[prefix + "bias"] = _cpu_copy(module.bias)
+            entries.append({"layer": layer, "role": role, "kind": "linear"})
+    return storage
 
 
 def _expert_tensors(
