@@ -122,8 +122,9 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/wn-bench-scale")
     p.add_argument("--out", default="experiments/results/bench_scale.jsonl")
     p.add_argument("--resume", action="store_true", help="skip measurements already in --out")
+    p.add_argument("--commands", default="rank,prune,expand", help="which commands to measure")
     args = p.parse_args()
-    models = args.models.split(",")
+    models, commands = args.models.split(","), args.commands.split(",")
     out, work = Path(args.out), Path(args.workdir)
     done = set()
     if args.resume and out.exists():
@@ -131,7 +132,7 @@ def main() -> None:
     elif out.exists():
         sys.exit(f"error: {out} exists; pass --resume to continue it")
     for model, command, offload, extra in PLAN:
-        if model not in models or (model, command, offload) in done:
+        if model not in models or command not in commands or (model, command, offload) in done:
             continue
         folder = work / f"llama-{model}"
         build_model(model, folder)
