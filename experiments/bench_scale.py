@@ -123,13 +123,19 @@ def main() -> None:
     p.add_argument("--out", default="experiments/results/bench_scale.jsonl")
     p.add_argument("--resume", action="store_true", help="skip measurements already in --out")
     p.add_argument("--commands", default="rank,prune,expand", help="which commands to measure")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="measure the selected rows even when --out has them (a new line is appended; "
+        "the last line of a row is the current figure)",
+    )
     args = p.parse_args()
     models, commands = args.models.split(","), args.commands.split(",")
     out, work = Path(args.out), Path(args.workdir)
     done = set()
-    if args.resume and out.exists():
+    if args.resume and out.exists() and not args.again:
         done = {(r["model"], r["command"], r["offload"]) for r in map(json.loads, out.open())}
-    elif out.exists():
+    elif out.exists() and not args.again:
         sys.exit(f"error: {out} exists; pass --resume to continue it")
     for model, command, offload, extra in PLAN:
         if model not in models or command not in commands or (model, command, offload) in done:

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from wasserstein_neurons.bridge import unwrap
 from wasserstein_neurons.capture import (
     ActivationStore,
     StoreExistsError,
     capture_activations,
     resolve_hook_names,
+    run_hooked,
 )
 
 
@@ -43,6 +45,43 @@ def test_capture_matches_direct_hooks(tiny_model, tmp_path):
         assert got.shape == (80, 128)
         np.testing.assert_allclose(got, _direct(tiny_model, windows, hook), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(reopened.tokens(), windows.reshape(-1).numpy())
+
+
+def test_forward_stops_after_the_last_hooked_block(tiny_llama):
+    """run_hooked runs no more of the model than its hooks need: hooks in block 0 skip block
+    1, hooks in the final block skip the final norm and the LM head (no logits), and a hook
+    outside the blocks keeps the whole forward."""
+    hf, windows = tiny_llama.hf_model, torch.randint(0, 300, (3, 8))
+    calls = {"lm_head": 0, "layer1": 0}
+    counters = [
+        hf.lm_head.register_forward_hook(
+            lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1)
+        ),
+        unwrap(hf.model.layers[1]).register_forward_hook(  # the HF layer inside its block
+            lambda *a: calls.__setitem__("layer1", calls["layer1"] + 1)
+        ),
+    ]
+    seen = []
+    try:
+        for hooks, expect in (
+            (["blocks.0.mlp.hook_pre"], {"lm_head": 0, "layer1": 0}),
+            (["blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_post"], {"lm_head": 0, "layer1": 2}),
+            (["blocks.1.mlp.hook_pre", "ln_final.hook_normalized"], {"lm_head": 2, "layer1": 2}),
+        ):
+            calls.update(lm_head=0, layer1=0)
+            run_hooked(
+                tiny_llama,
+                windows,
+                [(h, lambda x, hook, h=h: seen.append(h)) for h in hooks],
+                batch_size=2,
+                progress=False,
+            )
+            assert calls == expect, hooks
+            assert sorted(set(seen)) == sorted(hooks) and len(seen) == 2 * len(hooks)
+            seen.clear()
+    finally:
+        for handle in counters:
+            handle.remove()
 
 
 def test_float16_store(tiny_llama, tmp_path):

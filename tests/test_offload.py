@@ -3,6 +3,7 @@ layer materialised at a time, and every result equal to the in-memory run bit fo
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -84,6 +85,23 @@ def test_offloaded_prune_equals_in_memory(folders, family, mode):
     for key, w in ref[3].items():
         assert torch.equal(w, got[3][key]), key
         assert (w == 0).float().mean() == 0.5
+
+
+def test_capture_stopped_after_the_last_block_leaves_no_layer_resident(folders, tmp_path):
+    """The capture forward ends by an exception after the final block (no LM head): every
+    layer is still released, and the store equals the in-memory one."""
+    from wasserstein_neurons.capture import capture_activations
+
+    arrays = {}
+    for offload in (None, "disk"):
+        model = load_model(str(folders["llama"]), offload=offload)
+        store = capture_activations(model, windows(), tmp_path / str(offload), progress=False)
+        if offload:
+            assert layer_params_are_placeholders(model)
+        arrays[offload] = {h: store.array(h) for h in store.hook_names}
+    assert arrays[None].keys() == arrays["disk"].keys()
+    for hook, values in arrays[None].items():
+        assert np.array_equal(values, arrays["disk"][hook]), hook
 
 
 def test_disk_offload_keeps_edits_in_a_scratch_file_removed_on_close(folders):

@@ -322,16 +322,9 @@ def capture_activations(
         return fn
 
     fwd_hooks = [(name, hook_fn(name)) for name in names]
-    last_layer = max(hook_layer(n) for n in names)
     try:
         run_hooked(
-            model,
-            windows,
-            fwd_hooks,
-            batch_size=batch_size,
-            last_layer=last_layer,
-            progress=progress,
-            desc="capture",
+            model, windows, fwd_hooks, batch_size=batch_size, progress=progress, desc="capture"
         )
     finally:
         for writer in writers.values():
@@ -348,7 +341,6 @@ def run_hooked(
     fwd_hooks: Sequence[tuple[str, Callable]],
     *,
     batch_size: int = 8,
-    last_layer: int | None = None,
     progress: bool = True,
     desc: str = "forward",
 ) -> None:
@@ -357,7 +349,10 @@ def run_hooked(
     The one loop for "collect something from hook points over calibration windows": the
     activation store, the ablation's calibration statistics and the disentanglement analysis's
     linear inputs all go through it.  (Inputs of *sequentially* modified layers come from the
-    layer loop, :mod:`wasserstein_neurons.layerwise`, instead.)
+    layer loop, :mod:`wasserstein_neurons.layerwise`, instead.)  The forward stops after the
+    last block a hook needs (:func:`_stop_hooks`): nothing after it runs, in particular not
+    the LM head, whose ``[batch·seqlen, vocab]`` logits would otherwise be the largest
+    tensor of the pass (403 MB for 2,048 tokens of a 49k vocabulary in float32).
 
     Parameters
     ----------
@@ -369,14 +364,11 @@ def run_hooked(
         As for ``TransformerBridge.run_with_hooks``; ``activation`` is ``[batch, seqlen, d]``.
     batch_size : int
         Windows per forward pass.
-    last_layer : int, optional
-        Stop the forward after this decoder layer (``None``: run the whole model).
     progress : bool
         tqdm bar over batches, labelled ``desc``.
     """
-    n_layers = model.adapter.n_layers
-    stop = last_layer + 1 if last_layer is not None and 0 <= last_layer < n_layers - 1 else None
-    fwd_hooks = list(fwd_hooks)
+    stop, extra = _stop_hooks([name for name, _ in fwd_hooks], model.adapter.n_layers)
+    fwd_hooks = list(fwd_hooks) + extra
     for start in tqdm(
         range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress
     ):
@@ -384,6 +376,27 @@ def run_hooked(
         model.bridge.run_with_hooks(
             batch, fwd_hooks=fwd_hooks, return_type=None, stop_at_layer=stop
         )
+
+
+def _stop_hooks(names: Sequence[str], n_layers: int) -> tuple[int | None, list]:
+    """``(stop_at_layer, extra hooks)`` ending a forward after the last block that ``names``
+    hook into: blocks after it are skipped by ``stop_at_layer``; when it is the final block,
+    a hook on its ``hook_out`` raises TransformerLens' ``StopAtLayerException`` (caught by
+    ``run_with_hooks``) so the final norm and LM head do not run.  A hook outside the blocks
+    (embeddings, final norm) keeps the whole forward."""
+    layers = [hook_layer(n) for n in names]
+    if not layers or min(layers) < 0:
+        return None, []
+    last = max(layers)
+    if last < n_layers - 1:
+        return last + 1, []
+    return None, [(f"blocks.{last}.hook_out", _stop_forward)]
+
+
+def _stop_forward(activation: torch.Tensor, hook) -> None:
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(activation)
 
 
 def _check_range(name: str, chunk: np.ndarray, np_dtype) -> None:

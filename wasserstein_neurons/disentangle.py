@@ -499,7 +499,6 @@ def collect_linear_inputs(
         windows,
         [(name, hook)],
         batch_size=batch_size,
-        last_layer=layer,
         progress=progress,
         desc=f"inputs L{layer}",
     )
