@@ -240,12 +240,9 @@ class GroupExperts:
         self.H_sum: Tensor | None = None  # sum_c N_c H_c = 2 X^T X
         self._full: SparseGPTPruner | None = None
         self._tiny: dict[int, SparseGPTPruner] = {}
-
-    def workers(self) -> int:
-        """Concurrent workers of this group (1 unless ``cfg.cpu_threads == 1`` on the CPU)."""
-        if self.cfg.cpu_threads != 1:
-            return 1
-        return resolve_workers(self.cfg.workers, self.device)
+        #: concurrent workers (1 unless ``cfg.cpu_threads == 1`` on the CPU), resolved once,
+        #: outside any single-thread section (``None`` reads torch's thread count)
+        self.workers = 1 if cfg.cpu_threads != 1 else resolve_workers(cfg.workers, self.device)
 
     # ------------------------------------------------------------------ router and clusters
     def cluster(self, x: Tensor) -> tuple[Tensor, list[int] | None]:
@@ -272,7 +269,7 @@ class GroupExperts:
                 seed=cfg.seed,
                 device=self.device,
                 min_cluster_tokens=0,
-                workers=self.workers(),
+                workers=self.workers,
                 return_labels=True,
             )
         if k == 1:
@@ -326,7 +323,7 @@ class GroupExperts:
             )
             return
         todo = [c for c in range(k) if int(self.counts[c]) > 0]
-        built = thread_imap(lambda c: self._build_cluster(c, xs, starts), todo, self.workers())
+        built = thread_imap(lambda c: self._build_cluster(c, xs, starts), todo, self.workers)
         for c, (own, res) in zip(todo, built, strict=True):
             self._add_cluster(c, own, res)
 

@@ -322,7 +322,7 @@ def _resolve_pca_dim(d_in: int, pca_dim: int | None, pca_factor: int | None) -> 
     return pca_dim
 
 
-def _mean64(x: Tensor, device: torch.device) -> Tensor:
+def _checked_mean(x: Tensor, device: torch.device) -> Tensor:
     """Mean ``[d]`` of ``x: [n, d]``: float32 column sums of each chunk, added in float64.
 
     Doubles as the finiteness check of the inputs: a sum is finite only if every summand is
@@ -346,12 +346,13 @@ def _mean64(x: Tensor, device: torch.device) -> Tensor:
 def _pca(x: Tensor, p: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Mean ``[d]``, top-``p`` components ``[d, p]`` (both float64) and their variance ratios."""
     n, d = x.shape
-    mean = _mean64(x, device)
+    mean = _checked_mean(x, device)
     mean32 = mean.to(torch.float32)
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    part = torch.empty(d, d, dtype=torch.float32, device=device)  # one chunk's Gram
     for i in range(0, n, _CHUNK):
         xc = x[i : i + _CHUNK].to(device=device, dtype=torch.float32) - mean32
-        cov += gram_update_(torch.zeros_like(cov, dtype=torch.float32), xc).to(torch.float64)
+        cov += gram_update_(part, xc, beta=0.0)  # beta = 0: the old contents are ignored
     cov /= max(n - 1, 1)
     with cpu_threads(1, device):  # one small eigensolve (see .threads)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
@@ -552,13 +553,13 @@ def _check_fit_inputs(x: Tensor, n_clusters: int, restarts: int, max_iter: int) 
     x = x.detach().reshape(-1, x.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("fit_router needs at least one calibration token")
-    return x  # finiteness is checked by _mean64, which every fit runs once
+    return x  # finiteness is checked by _checked_mean, which every fit runs once
 
 
 def _single_cluster_router(x: Tensor, device: torch.device) -> Router:
     """The trivial ``k = 1`` router of ``x: [n, d_in]``: no PCA, every token to expert 0."""
     n, d_in = x.shape
-    mean = _mean64(x, device)
+    mean = _checked_mean(x, device)
     router = Router(
         mean, None, torch.zeros(1, d_in, device=device), torch.tensor([n], device=device)
     )
@@ -588,7 +589,7 @@ def _kmeans_router(
         mean, comps, ratio = _pca(x, p, device)
         router = Router(mean, comps, torch.zeros(k, p, device=device))
     else:
-        mean = _mean64(x, device)
+        mean = _checked_mean(x, device)
         ratio = torch.zeros(0, dtype=torch.float64)
         router = Router(mean, None, torch.zeros(k, d_in, device=device))
     # Projected data [n, p] in exactly the arithmetic route() uses.
