@@ -302,12 +302,12 @@ def _load_offloaded(name: str, device: torch.device, dtype: torch.dtype, mode: s
 
     folder = offload_folder(name)
     try:
-        hf_model, reader, layers_path = load_skeleton(folder, dtype, device)
+        hf_model, reader, layers_path, head = load_skeleton(folder, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         bridge, adapter = _bridge_and_adapter(name, hf_model, tokenizer, device)
         layers = adapter.decoder_layers(hf_model)
         prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
-        offload = LayerOffload(layers, prefixes, reader, device, dtype, mode)
+        offload = LayerOffload(layers, prefixes, reader, device, dtype, mode, head=head)
     except (OffloadError, OSError) as err:
         raise ModelLoadError(f"could not offload {name}: {err}") from None
     return LoadedModel(

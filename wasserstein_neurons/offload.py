@@ -1,8 +1,9 @@
 r"""Layer-wise offloaded execution: decoder-layer weights stay off the compute device until used.
 
 A model loaded with ``load_model(..., offload="disk" | "cpu")`` keeps its *non-layer* weights
-(embeddings, final norm, LM head) on the compute device, and every decoder layer's parameters
-as ``meta`` placeholders (shape and dtype, no storage).  A forward pre-hook on each HF decoder
+(embeddings, final norm, a tied LM head) on the compute device, and every decoder layer's
+parameters as ``meta`` placeholders (shape and dtype, no storage); an untied LM head is
+offloaded the same way (a unit after the layers; ``rank`` and the layer loop never call it).  A forward pre-hook on each HF decoder
 layer materialises that layer's weights on the device just before it runs, and a forward hook
 releases them after, so *any* forward — the bridged one with TransformerLens hooks (``rank``),
 the native HF one (perplexity), the layer loop (``prune``, ``expand``) — holds one decoder layer
@@ -203,11 +204,24 @@ class LayerOffload:
     mode : {"cpu", "disk"}
     """
 
-    def __init__(self, layers, prefixes: Sequence[str], reader: ShardReader, device, dtype, mode):
+    def __init__(
+        self,
+        layers,
+        prefixes: Sequence[str],
+        reader: ShardReader,
+        device,
+        dtype,
+        mode,
+        head: tuple[nn.Module, str] | None = None,
+    ):
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES} or None, got {mode!r}")
-        self.layers = [unwrap(m) for m in layers]
-        self.prefixes, self.reader = list(prefixes), reader
+        #: the offloaded units: the decoder layers, then (``head``) the untied LM head
+        self.units = [unwrap(m) for m in layers] + ([unwrap(head[0])] if head else [])
+        self.n_layers = len(layers)
+        #: unit index of the LM head (``None``: it stays on the device, e.g. tied embeddings)
+        self.head_index = self.n_layers if head else None
+        self.prefixes, self.reader = list(prefixes) + ([head[1]] if head else []), reader
         self.device, self.dtype, self.mode = torch.device(device), dtype, mode
         self.host: dict[str, torch.Tensor] = {}
         self._scratch: Path | None = None
@@ -216,9 +230,14 @@ class LayerOffload:
         self._patches: dict[int, Callable[[], None]] = {}
         self._writes = 0
         mmap_large_allocations()
-        for index, layer in enumerate(self.layers):
-            self._check_and_place(index, layer)
-        self._handles = [h for i in range(len(self.layers)) for h in self._hook(i)]
+        for index, unit in enumerate(self.units):
+            self._check_and_place(index, unit)
+        self._handles = [h for i in range(len(self.units)) for h in self._hook(i)]
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The HF decoder layers (units ``0 .. n_layers - 1``)."""
+        return self.units[: self.n_layers]
 
     def _check_and_place(self, index: int, layer: nn.Module) -> None:
         """Sort the layer's parameters into *stored* ones (tensors of the shards) and *derived*
@@ -241,14 +260,14 @@ class LayerOffload:
     def _slots(self, index: int):
         """``(module, name, state-dict key)`` of layer ``index``'s stored parameters."""
         prefix = self.prefixes[index]
-        for module, name, key in tensor_slots(self.layers[index]):
+        for module, name, key in tensor_slots(self.units[index]):
             if prefix + key in self.host or prefix + key in self.reader:
                 yield module, name, prefix + key
 
     def _resplit(self, index: int) -> None:
         """Re-derive the bridge's split views (fused QKV, fused gate/up) from the weights just
         loaded."""
-        for module in self.layers[index].modules():
+        for module in self.units[index].modules():
             if hasattr(module, "split_qkv_matrix"):
                 module.set_original_component(unwrap(module))
             elif isinstance(module, FusedGateUp):
@@ -263,7 +282,7 @@ class LayerOffload:
             if index not in self._pinned:
                 self.release(index)
 
-        layer = self.layers[index]
+        layer = self.units[index]
         return layer.register_forward_pre_hook(before), layer.register_forward_hook(after)
 
     def onload(self, index: int) -> None:
@@ -294,8 +313,8 @@ class LayerOffload:
             raise OffloadError(f"layer {index} is patched: its temporary edits cannot be kept")
         edited = {}
         prefix = self.prefixes[index]
-        split = _split_parameters(self.layers[index])
-        for module, name, key in tensor_slots(self.layers[index]):
+        split = _split_parameters(self.units[index])
+        for module, name, key in tensor_slots(self.units[index]):
             p, key = module._parameters[name], prefix + key
             stored = key in self.host or key in self.reader
             if p.is_meta or id(p) in split:  # split views: re-derived on the next load
@@ -420,8 +439,10 @@ def _renamings(hf: nn.Module) -> list[tuple[str, str]]:
 def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
     """The HF model of ``folder`` with only its non-layer weights loaded (on ``device``).
 
-    Returns ``(hf_model, reader, layers_path)``; every decoder-layer parameter is a ``meta``
-    placeholder (buffers are real: they are built by the modules' constructors).
+    Returns ``(hf_model, reader, layers_path, head)``; every decoder-layer parameter (and, when
+    :func:`offloadable_head` finds it, ``head = (lm_head, prefix)``'s) is a storage-free
+    placeholder until :class:`LayerOffload` takes it over (buffers are real: they are built by
+    the modules' constructors).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -432,9 +453,11 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
     reader.rename(_renamings(hf))
     layers_path = decoder_list_path(hf)
+    head = offloadable_head(hf, reader)
+    later = (layers_path + ".",) + ((head[1],) if head else ())
     missing = []
     for module, name, key in tensor_slots(hf):
-        if key.startswith(layers_path + "."):
+        if key.startswith(later):
             # readable but storage-free until LayerOffload takes over: the bridge may split
             # fused projections at boot (views of a stride-0 zero)
             shape = module._parameters[name].shape
@@ -452,7 +475,25 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = b.to(device)
-    return hf.eval(), reader, layers_path
+    return hf.eval(), reader, layers_path, head
+
+
+def offloadable_head(hf: nn.Module, reader: ShardReader) -> tuple[nn.Module, str] | None:
+    """``(module, state-dict prefix)`` of the LM head when it can be offloaded like a layer:
+    its own weights are in the shards (not tied to the input embeddings).  Most workflows
+    never call it (``rank`` and the layer loop stop before it), so it then costs no memory;
+    perplexity loads it for each chunk of positions it scores."""
+    head = hf.get_output_embeddings()
+    if head is None:
+        return None
+    tied = {id(p) for p in hf.get_input_embeddings().parameters()}
+    if any(id(p) in tied for p in head.parameters()):
+        return None
+    path = module_paths(hf).get(id(head), (None,))[0]
+    slots = tensor_slots(head)
+    if path is None or not slots or any(f"{path}.{key}" not in reader for _, _, key in slots):
+        return None
+    return head, f"{path}."
 
 
 def save_offloaded(hf: nn.Module, weights: LayerOffload, folder: str | Path) -> Path:
@@ -470,9 +511,10 @@ def save_offloaded(hf: nn.Module, weights: LayerOffload, folder: str | Path) -> 
                   str(folder / name), metadata={"format": "pt"})  # fmt: skip
         weight_map.update(dict.fromkeys(tensors, name))
 
-    for index in range(len(weights.layers)):
+    for index in range(len(weights.units)):
+        file = f"layers-{index:05d}" if index < weights.n_layers else "head"
         with weights.resident(index, keep_edits=False):
-            write(f"layers-{index:05d}.safetensors", {
+            write(f"{file}.safetensors", {
                 key: module._parameters[name] for module, name, key in weights._slots(index)
             })  # fmt: skip
     tied = {id(p) for p in hf.get_input_embeddings().parameters()}
