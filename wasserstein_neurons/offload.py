@@ -5,9 +5,9 @@ A model loaded with ``load_model(..., offload="disk" | "cpu")`` keeps its *non-l
 parameters as ``meta`` placeholders (shape and dtype, no storage); an untied LM head is
 offloaded the same way (a unit after the layers; ``rank`` and the layer loop never call it).
 A forward pre-hook on each HF decoder layer materialises that layer's weights on the device
-just before it runs, and a forward hook releases them after, so *any* forward — the bridged one with TransformerLens hooks (``rank``),
-the native HF one (perplexity), the layer loop (``prune``, ``expand``) — holds one decoder layer
-at a time.  Peak memory is then
+just before it runs, and a forward hook releases them after, so *any* forward — the bridged
+one with TransformerLens hooks (``rank``), the native HF one (perplexity), the layer loop
+(``prune``, ``expand``) — holds one decoder layer at a time.  Peak memory is then
 
     non-layer weights + one decoder layer + activations,
 
