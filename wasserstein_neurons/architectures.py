@@ -348,6 +348,9 @@ class FusedGateUp(nn.Module):
             unwrap(getattr(self, part))._parameters[name] = nn.Parameter(view, requires_grad=False)
 
     def _view_geometry(self) -> dict:
+        """``(part, name) -> (shape, stride, offset)`` of each split view inside the fused
+        tensor, read off one call of the bridge's splitter on the loaded weights; raises
+        ``UnsupportedArchitecture`` if that splitter copies instead of viewing."""
         if self._split is None:
             raise UnsupportedArchitecture("this fused gate/up projection has no splitter")
         split = self._split(SimpleNamespace(**{self._attr: self}))
