@@ -3,6 +3,8 @@ layer materialised at a time, and every result equal to the in-memory run bit fo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,10 +112,23 @@ def test_capture_stopped_after_the_last_block_leaves_no_layer_resident(folders, 
 
 
 def test_disk_offload_keeps_edits_in_a_scratch_file_removed_on_close(folders):
+    """Edits go to a pid-tagged scratch folder, removed on close; a scratch folder left by
+    a killed process is removed by the next one that needs scratch space."""
+    import subprocess
+    import sys
+
+    from wasserstein_neurons.offload import SCRATCH_ROOT
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = SCRATCH_ROOT.with_name(f".{SCRATCH_ROOT.name}.scratch-{dead}-x")
+    stale.mkdir(parents=True)
+    (stale / "edited-00000.safetensors").write_bytes(b"left by a killed run")
     model = load_model(str(folders["llama"]), offload="disk")
     sequential_prune(model, windows(), "magnitude", 0.5, progress=False)
     scratch = model.offload._scratch
     assert scratch is not None and len(list(scratch.glob("*.safetensors"))) == 2
+    assert not stale.exists() and f"scratch-{os.getpid()}-" in scratch.name
     model.offload.close()
     assert not scratch.exists()
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from .architectures import FusedGateUp
 from .bridge import clean_module_path, module_paths, unwrap
+from .siblings import make_sibling_dir, stale_siblings
 
 __all__ = [
     "OFFLOAD_MODES",
@@ -338,7 +339,7 @@ class LayerOffload:
         from safetensors.torch import save_file
 
         if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="wn-offload-"))
+            self._scratch = _new_scratch()
         path = self._scratch / f"edited-{self._writes:05d}.safetensors"
         self._writes += 1
         save_file({k: t.detach().contiguous().cpu() for k, t in edited.items()}, str(path))
@@ -385,6 +386,18 @@ class LayerOffload:
 
     def __del__(self):  # pragma: no cover - best effort
         self._remove_scratch()
+
+
+#: Scratch folders are hidden siblings of this path (:mod:`~wasserstein_neurons.siblings`).
+SCRATCH_ROOT = Path(tempfile.gettempdir()) / "wn-offload"
+
+
+def _new_scratch() -> Path:
+    """A new scratch folder ``/tmp/.wn-offload.scratch-<pid>-<random>`` for edited layers;
+    those of processes that are gone (killed before they could clean up) are removed first."""
+    for stale in stale_siblings(SCRATCH_ROOT, "scratch"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return make_sibling_dir(SCRATCH_ROOT, "scratch")
 
 
 class LayerPatches:
