@@ -154,8 +154,12 @@ def run_step(step: Step, all_steps: list[Step]) -> None:
         if not rank.done():
             run_step(rank, all_steps)
     argv = list(step.argv)
-    if folder_state(step.out).kind in ("finished", "unfinished"):
-        argv.append("--overwrite")  # not copied yet, or interrupted: made again
+    state = folder_state(step.out).kind
+    if state == "finished":  # made by an earlier session, not copied yet
+        step.copy()
+        return
+    if state == "unfinished":  # interrupted: a grid continues its finished cells
+        argv.append("--resume" if "--grid" in argv else "--overwrite")
     print(f"+ {step.command}", flush=True)
     subprocess.run([sys.executable, "-m", "wasserstein_neurons.cli", *argv], check=True, cwd=ROOT)
     step.copy()
