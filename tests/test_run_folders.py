@@ -22,6 +22,8 @@ from wasserstein_neurons.cli import main
 from wasserstein_neurons.runs import RunRestoredWarning, folder_state
 
 SMALL = ["--seqlen", "32", "--no-progress"]
+#: Tokens of a run the tests interrupt: several seconds of capture after its folder appears.
+SIGNALLED_TOKENS = 32768
 GRID = ["--grid", "--nsamples", "4", "--eval-tokens", "2048", "--grid-experts", "1,2"]
 
 
@@ -93,7 +95,11 @@ def test_killed_grid_is_refused_then_resumed(tiny_dir, corpus, tmp_path, capsys)
 
 def test_ctrl_c_is_one_line_and_marks_the_run(tiny_dir, corpus, tmp_path):
     out = tmp_path / "rank"
-    proc = _start(["rank", *_base(tiny_dir, corpus), "--tokens", "4096", "--out", str(out)])
+    # enough tokens that the run outlasts the poll: the capture stops at the last hooked
+    # block (no LM head), so a small run can finish before the signal lands
+    proc = _start(
+        ["rank", *_base(tiny_dir, corpus), "--tokens", str(SIGNALLED_TOKENS), "--out", str(out)]
+    )
     _wait_for(lambda: (out / "activations").is_dir(), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -110,7 +116,7 @@ def _overwrite_under_way(tiny_dir, corpus, tmp_path):
     rank = ["rank", *_base(tiny_dir, corpus), "--tokens", "512", "--out", str(out)]
     assert main(rank) == 0
     old = _files(out)
-    proc = _start([*rank, "--tokens", "8192", "--overwrite"])
+    proc = _start([*rank, "--tokens", str(SIGNALLED_TOKENS), "--overwrite"])
     _wait_for(lambda: (out / "activations").is_dir() and not (out / "neurons.csv").exists(), proc)
     return out, rank, old, proc
 
