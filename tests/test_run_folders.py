@@ -32,6 +32,9 @@ def _base(tiny_dir, corpus) -> list[str]:
 
 
 def _start(argv: list[str]) -> subprocess.Popen:
+    """The CLI in a child process, with SIGINT at its default disposition as in a user's
+    shell: an ignored SIGINT is inherited across exec, and something earlier in the suite
+    leaves it ignored in the pytest process (the child then never sees Ctrl-C)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     code = "import sys; from wasserstein_neurons.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen(
@@ -40,6 +43,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
