@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--out", default="experiments/results/bench_scale.jsonl")
     p.add_argument("--resume", action="store_true", help="skip measurements already in --out")
     p.add_argument("--commands", default="rank,prune,expand", help="which commands to measure")
+    p.add_argument("--offloads", default="memory,disk", help="which runs: in memory, offloaded")
     p.add_argument(
         "--again",
         action="store_true",
@@ -131,6 +132,7 @@ def main() -> None:
     )
     args = p.parse_args()
     models, commands = args.models.split(","), args.commands.split(",")
+    offloads = [None if o == "memory" else o for o in args.offloads.split(",")]
     out, work = Path(args.out), Path(args.workdir)
     done = set()
     if args.resume and out.exists() and not args.again:
@@ -138,7 +140,9 @@ def main() -> None:
     elif out.exists() and not args.again:
         sys.exit(f"error: {out} exists; pass --resume to continue it")
     for model, command, offload, extra in PLAN:
-        if model not in models or command not in commands or (model, command, offload) in done:
+        if model not in models or command not in commands or offload not in offloads:
+            continue
+        if (model, command, offload) in done:
             continue
         folder = work / f"llama-{model}"
         build_model(model, folder)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -81,6 +82,16 @@ def hf_model_of(model) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     raise TypeError(f"expected a LoadedModel or a transformers model, got {type(model).__name__}")
+
+
+def compute_device(hf: nn.Module) -> torch.device:
+    """The device ``hf`` computes on: that of its first materialised parameter or buffer (an
+    offloaded model's placeholders are on ``meta``; its final norm, buffers and any layer
+    being run are on the compute device)."""
+    for tensor in (*hf.parameters(), *hf.buffers()):
+        if not tensor.is_meta:
+            return tensor.device
+    raise ValueError("the model has no materialised parameter or buffer to take a device from")
 
 
 def module_paths(root: nn.Module) -> dict[int, tuple[str, nn.Module]]:

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from .bridge import (
     attn_implementation,
+    compute_device,
     has_bridge_modules,
     hf_model_of,
     native_modules,
@@ -270,7 +271,7 @@ def perplexity(
     if batch_size < 1 or nll_chunk < 1:
         raise ValueError("batch_size and nll_chunk must be positive")
     hf = hf_model_of(model)
-    device = next(hf.parameters()).device
+    device = compute_device(hf)
     windows = windows.long()
     n, seqlen = windows.shape
     bridged = has_bridge_modules(hf)

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bridge import clean_module_path, is_linear, linear_weight, replace_linear
+from .bridge import clean_module_path, compute_device, is_linear, linear_weight, replace_linear
 from .offload import layer_resident
 
 __all__ = [
@@ -584,7 +584,7 @@ def sequential_layerwise(
     chosen = resolve_layers(layers, len(decoder))
     if not chosen:
         return
-    device = next(hf.parameters()).device
+    device = compute_device(hf)
     storage = torch.device("cpu") if offload else device
     n, seqlen = windows.shape
     slices = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

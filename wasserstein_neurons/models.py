@@ -38,6 +38,7 @@ from .architectures import (  # noqa: F401 (ArchitectureAdapter, MLPLinearSpec: 
     install_fused_gate_up,
     refuse_from_config,
 )
+from .bridge import compute_device
 from .model_cache import (  # noqa: F401 (CACHE_ENV, cache_dir: re-exported)
     CACHE_ENV,
     EMBEDDED_MODELS,
@@ -68,7 +69,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        return compute_device(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -302,12 +303,12 @@ def _load_offloaded(name: str, device: torch.device, dtype: torch.dtype, mode: s
 
     folder = offload_folder(name)
     try:
-        hf_model, reader, layers_path, head = load_skeleton(folder, dtype, device)
+        hf_model, reader, layers_path, ends = load_skeleton(folder, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         bridge, adapter = _bridge_and_adapter(name, hf_model, tokenizer, device)
         layers = adapter.decoder_layers(hf_model)
         prefixes = [f"{layers_path}.{i}." for i in range(len(layers))]
-        offload = LayerOffload(layers, prefixes, reader, device, dtype, mode, head=head)
+        offload = LayerOffload(layers, prefixes, reader, device, dtype, mode, ends=ends)
     except (OffloadError, OSError) as err:
         raise ModelLoadError(f"could not offload {name}: {err}") from None
     return LoadedModel(

@@ -1,15 +1,16 @@
 r"""Layer-wise offloaded execution: decoder-layer weights stay off the compute device until used.
 
-A model loaded with ``load_model(..., offload="disk" | "cpu")`` keeps its *non-layer* weights
-(embeddings, final norm, a tied LM head) on the compute device, and every decoder layer's
-parameters as ``meta`` placeholders (shape and dtype, no storage); an untied LM head is
-offloaded the same way (a unit after the layers; ``rank`` and the layer loop never call it).
-A forward pre-hook on each HF decoder layer materialises that layer's weights on the device
-just before it runs, and a forward hook releases them after, so *any* forward — the bridged
-one with TransformerLens hooks (``rank``), the native HF one (perplexity), the layer loop
-(``prune``, ``expand``) — holds one decoder layer at a time.  Peak memory is then
+A model loaded with ``load_model(..., offload="disk" | "cpu")`` keeps its small *non-layer*
+weights (final norm, position embeddings, a *tied* embedding / LM head pair) on the compute
+device, and every decoder layer's parameters as ``meta`` placeholders (shape and dtype, no
+storage); an untied input embedding and LM head are offloaded the same way (units after the
+layers, :func:`offloadable_ends`; ``rank`` and the layer loop never call the head).  A forward
+pre-hook on each unit's HF module materialises its weights on the device just before it runs,
+and a forward hook releases them after, so *any* forward — the bridged one with
+TransformerLens hooks (``rank``), the native HF one (perplexity), the layer loop (``prune``,
+``expand``) — holds one unit at a time.  Peak memory is then
 
-    non-layer weights + one decoder layer + activations,
+    small non-layer weights + one decoder layer + activations,
 
 independent of depth.  Where the weights come from:
 
@@ -163,20 +164,48 @@ def _split_parameters(layer: nn.Module) -> set[int]:
     return found
 
 
-def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation of ``threshold`` bytes or more with its own memory map
-    (``mallopt(M_MMAP_THRESHOLD)``), so a released layer's weights go back to the OS at once.
-
-    glibc's default *dynamic* threshold rises to the size of the last freed mapping (up to
-    32 MiB), after which layer-sized tensors come from the heap and are not returned: measured
-    on a 1.1B Llama, RSS then grew by ~0.7 GB per offloaded forward; with a fixed 1 MiB
-    threshold it stays flat.  Returns whether it was applied (False off glibc).
-    """
+def _glibc():
+    """glibc through ctypes, or ``None`` (another C library: the allocator tuning is skipped)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold`` bytes or more with their own memory maps
+    and trim its heap above ``threshold`` of free space (``mallopt(M_MMAP_THRESHOLD)``,
+    ``mallopt(M_TRIM_THRESHOLD)``), then return what the heap already holds free
+    (:func:`return_freed_memory`).  Returns whether it was applied (False off glibc).
+
+    glibc's default *dynamic* threshold rises to the size of the last freed mapping (up to
+    32 MiB), after which layer-sized tensors come from the heap and are not returned: measured
+    on a 1.1B Llama, RSS then grew by ~0.7 GB per offloaded forward.
+    """
+    if _LIBC is None:
         return False
-    return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    done = bool(_LIBC.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    done = bool(_LIBC.mallopt(-1, threshold)) and done  # -1: M_TRIM_THRESHOLD
+    return_freed_memory()
+    return done
+
+
+def return_freed_memory() -> None:
+    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``).
+
+    Even with :func:`mmap_large_allocations`, some layer-sized tensors are served from a heap
+    (its free chunks, or a thread's arena) and the heap cannot shrink past live small
+    objects, so released layers' memory stayed counted in RSS.  Measured on the 1.1B Llama
+    (``experiments/bench_scale.py`` shape), 22 onload/release cycles without a forward: RSS
+    +0.23 to +0.41 GB, varying from run to run; with a trim per release: +0.00 GB.  A trim
+    costs microseconds to a millisecond, against a layer's read of tens of milliseconds.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -213,16 +242,19 @@ class LayerOffload:
         device,
         dtype,
         mode,
-        head: tuple[nn.Module, str] | None = None,
+        ends: Mapping[str, tuple[nn.Module, str]] | None = None,
     ):
         if mode not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES} or None, got {mode!r}")
-        #: the offloaded units: the decoder layers, then (``head``) the untied LM head
-        self.units = [unwrap(m) for m in layers] + ([unwrap(head[0])] if head else [])
+        ends = dict(ends or {})
+        #: the offloaded units: the decoder layers, then the ``ends`` (untied input embedding,
+        #: LM head: :func:`offloadable_ends`)
+        self.units = [unwrap(m) for m in layers] + [unwrap(m) for m, _ in ends.values()]
         self.n_layers = len(layers)
-        #: unit index of the LM head (``None``: it stays on the device, e.g. tied embeddings)
-        self.head_index = self.n_layers if head else None
-        self.prefixes, self.reader = list(prefixes) + ([head[1]] if head else []), reader
+        #: unit index of each end (``"embed"``, ``"head"``); absent: it stays on the device
+        self.end_index = {name: self.n_layers + i for i, name in enumerate(ends)}
+        self.prefixes = list(prefixes) + [prefix for _, prefix in ends.values()]
+        self.reader = reader
         self.device, self.dtype, self.mode = torch.device(device), dtype, mode
         self.host: dict[str, torch.Tensor] = {}
         self._scratch: Path | None = None
@@ -234,6 +266,17 @@ class LayerOffload:
         for index, unit in enumerate(self.units):
             self._check_and_place(index, unit)
         self._handles = [h for i in range(len(self.units)) for h in self._hook(i)]
+
+    @property
+    def head_index(self) -> int | None:
+        """Unit index of the LM head (``None``: it stays on the device, e.g. tied embeddings)."""
+        return self.end_index.get("head")
+
+    def unit_name(self, index: int) -> str:
+        """``"layers-00003"`` for a decoder layer, else the end's name (``"embed"``, ``"head"``)."""
+        if index < self.n_layers:
+            return f"layers-{index:05d}"
+        return next(name for name, i in self.end_index.items() if i == index)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -330,6 +373,7 @@ class LayerOffload:
         if edited:
             self._keep(edited)
         self._resident.discard(index)
+        return_freed_memory()
 
     def _keep(self, edited: dict[str, torch.Tensor]) -> None:
         if self.mode == "cpu":
@@ -452,10 +496,10 @@ def _renamings(hf: nn.Module) -> list[tuple[str, str]]:
 def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
     """The HF model of ``folder`` with only its non-layer weights loaded (on ``device``).
 
-    Returns ``(hf_model, reader, layers_path, head)``; every decoder-layer parameter (and, when
-    :func:`offloadable_head` finds it, ``head = (lm_head, prefix)``'s) is a storage-free
-    placeholder until :class:`LayerOffload` takes it over (buffers are real: they are built by
-    the modules' constructors).
+    Returns ``(hf_model, reader, layers_path, ends)``; every decoder-layer parameter (and those
+    of the ``ends`` :func:`offloadable_ends` finds) is a storage-free placeholder until
+    :class:`LayerOffload` takes it over (buffers are real: they are built by the modules'
+    constructors).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -464,10 +508,11 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf.tie_weights()  # a tied embedding / head pair shares one parameter from here on
     reader.rename(_renamings(hf))
     layers_path = decoder_list_path(hf)
-    head = offloadable_head(hf, reader)
-    later = (layers_path + ".",) + ((head[1],) if head else ())
+    ends = offloadable_ends(hf, reader)
+    later = (layers_path + ".",) + tuple(prefix for _, prefix in ends.values())
     missing = []
     for module, name, key in tensor_slots(hf):
         if key.startswith(later):
@@ -488,25 +533,31 @@ def load_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device):
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = b.to(device)
-    return hf.eval(), reader, layers_path, head
+    return hf.eval(), reader, layers_path, ends
 
 
-def offloadable_head(hf: nn.Module, reader: ShardReader) -> tuple[nn.Module, str] | None:
-    """``(module, state-dict prefix)`` of the LM head when it can be offloaded like a layer:
-    its own weights are in the shards (not tied to the input embeddings).  Most workflows
-    never call it (``rank`` and the layer loop stop before it), so it then costs no memory;
-    perplexity loads it for each chunk of positions it scores."""
-    head = hf.get_output_embeddings()
-    if head is None:
-        return None
-    tied = {id(p) for p in hf.get_input_embeddings().parameters()}
-    if any(id(p) in tied for p in head.parameters()):
-        return None
-    path = module_paths(hf).get(id(head), (None,))[0]
-    slots = tensor_slots(head)
-    if path is None or not slots or any(f"{path}.{key}" not in reader for _, _, key in slots):
-        return None
-    return head, f"{path}."
+def offloadable_ends(hf: nn.Module, reader: ShardReader) -> dict[str, tuple[nn.Module, str]]:
+    """``{"embed": (module, prefix), "head": (module, prefix)}``: the input embedding and the
+    LM head, offloaded like layers when they are *untied* (no shared parameter) and their own
+    weights are in the shards; ``{}`` otherwise (a tied pair stays on the device).
+
+    The embedding runs once per forward, at its start (a [vocab, d_model] read for a
+    [batch, seqlen] lookup: 262 MB at 7B in bfloat16); the head is never called by ``rank``
+    or the layer loop, which stop before it, and perplexity loads it per chunk of positions
+    it scores.  Neither is then resident while a decoder layer runs."""
+    embed, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    if embed is None or head is None:
+        return {}
+    if {id(p) for p in embed.parameters()} & {id(p) for p in head.parameters()}:
+        return {}
+    paths = module_paths(hf)
+    ends = {}
+    for name, module in (("embed", embed), ("head", head)):
+        path = paths.get(id(module), (None,))[0]
+        slots = tensor_slots(module)
+        if path and slots and all(f"{path}.{key}" in reader for _, _, key in slots):
+            ends[name] = (module, f"{path}.")
+    return ends
 
 
 def save_offloaded(hf: nn.Module, weights: LayerOffload, folder: str | Path) -> Path:
@@ -525,9 +576,8 @@ def save_offloaded(hf: nn.Module, weights: LayerOffload, folder: str | Path) -> 
         weight_map.update(dict.fromkeys(tensors, name))
 
     for index in range(len(weights.units)):
-        file = f"layers-{index:05d}" if index < weights.n_layers else "head"
         with weights.resident(index, keep_edits=False):
-            write(f"{file}.safetensors", {
+            write(f"{weights.unit_name(index)}.safetensors", {
                 key: module._parameters[name] for module, name, key in weights._slots(index)
             })  # fmt: skip
     tied = {id(p) for p in hf.get_input_embeddings().parameters()}
