@@ -321,7 +321,7 @@ class FusedGateUp(nn.Module):
         self.out_features = fused.weight.shape[0]
         # the bridge's splitter, split_gate_up_matrix(hf_mlp) -> (gate, up), and the name it
         # reads the fused linear under (kept as plain attributes: no module cycle)
-        self._split = getattr(bridge_mlp, "split_gate_up_matrix", None)
+        self._splitter = getattr(bridge_mlp, "split_gate_up_matrix", None)
         self._attr = getattr(bridge_mlp, "fused_attr", None)
         self._views: dict | None = None  # (part, name) -> (shape, stride, offset) in the fused
 
@@ -351,9 +351,9 @@ class FusedGateUp(nn.Module):
         """``(part, name) -> (shape, stride, offset)`` of each split view inside the fused
         tensor, read off one call of the bridge's splitter on the loaded weights; raises
         ``UnsupportedArchitecture`` if that splitter copies instead of viewing."""
-        if self._split is None:
+        if self._splitter is None:
             raise UnsupportedArchitecture("this fused gate/up projection has no splitter")
-        split = self._split(SimpleNamespace(**{self._attr: self}))
+        split = self._splitter(SimpleNamespace(**{self._attr: self}))
         geometry = {}
         for part, linear in zip(("gate", "up"), split, strict=True):
             for name, t in linear._parameters.items():

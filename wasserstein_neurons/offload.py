@@ -251,6 +251,8 @@ class LayerOffload:
         #: LM head: :func:`offloadable_ends`)
         self.units = [unwrap(m) for m in layers] + [unwrap(m) for m, _ in ends.values()]
         self.n_layers = len(layers)
+        #: the HF decoder layers (units ``0 .. n_layers - 1``)
+        self.layers: list[nn.Module] = self.units[: self.n_layers]
         #: unit index of each end (``"embed"``, ``"head"``); absent: it stays on the device
         self.end_index = {name: self.n_layers + i for i, name in enumerate(ends)}
         self.prefixes = list(prefixes) + [prefix for _, prefix in ends.values()]
@@ -277,11 +279,6 @@ class LayerOffload:
         if index < self.n_layers:
             return f"layers-{index:05d}"
         return next(name for name, i in self.end_index.items() if i == index)
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        """The HF decoder layers (units ``0 .. n_layers - 1``)."""
-        return self.units[: self.n_layers]
 
     def _check_and_place(self, index: int, layer: nn.Module) -> None:
         """Sort the layer's parameters into *stored* ones (tensors of the shards) and *derived*
@@ -416,6 +413,14 @@ class LayerOffload:
         self._patches.update(edits)
         return LayerPatches(self, tuple(edits))
 
+    def unpatch(self, layers: Sequence[int]) -> None:
+        """Drop the patches of ``layers``; a resident, unpinned one is released (its next load
+        reads the stored weights)."""
+        for index in layers:
+            self._patches.pop(index, None)
+            if index in self._resident and index not in self._pinned:
+                self.release(index)
+
     def close(self) -> None:
         """Remove the hooks and the scratch folder (the model is unusable afterwards)."""
         for h in self._handles:
@@ -452,10 +457,7 @@ class LayerPatches:
         self.offload, self.layers = offload, layers
 
     def restore(self) -> None:
-        for index in self.layers:
-            self.offload._patches.pop(index, None)
-            if index in self.offload._resident and index not in self.offload._pinned:
-                self.offload.release(index)
+        self.offload.unpatch(self.layers)
 
 
 def layer_resident(offload: LayerOffload | None, index: int, keep_edits: bool = True):
