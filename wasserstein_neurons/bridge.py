@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,7 +89,7 @@ def compute_device(hf: nn.Module) -> torch.device:
     """The device ``hf`` computes on: that of its first materialised parameter or buffer (an
     offloaded model's placeholders are on ``meta``; its final norm, buffers and any layer
     being run are on the compute device)."""
-    for tensor in (*hf.parameters(), *hf.buffers()):
+    for tensor in chain(hf.parameters(), hf.buffers()):  # stops at the first real one
         if not tensor.is_meta:
             return tensor.device
     raise ValueError("the model has no materialised parameter or buffer to take a device from")
