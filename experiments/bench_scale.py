@@ -148,7 +148,11 @@ def main() -> None:
         build_model(model, folder)
         tag = f"{model}-{command}-{offload or 'memory'}"
         row = {"model": model, "command": command, "offload": offload, "flags": extra}
+        load_before = os.getloadavg()[0]
         row.update(measure(folder, command, offload, extra, work / "runs" / tag))
+        # 1-minute load averages around the run: a second job on this 2-core machine shows
+        # as a load near 2 before the run starts, and slows the wall time (not the peak RSS)
+        row["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         row["model_gb_on_disk"] = round(size_on_disk(folder), 2)
         print(json.dumps(row), flush=True)
         with out.open("a") as f:

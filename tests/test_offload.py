@@ -97,6 +97,22 @@ def test_offloaded_prune_equals_in_memory(folders, family, mode):
         assert (w == 0).float().mean() == 0.5
 
 
+def test_offloaded_head_is_loaded_once_per_batch(folders, monkeypatch):
+    """Perplexity keeps an offloaded LM head resident over a batch's chunks: one load per
+    batch (not one per ``nll_chunk`` positions), the same perplexity, released afterwards."""
+    ids = windows(n=4)
+    kw = dict(batch_size=2, nll_chunk=5, verify=False, progress=False)
+    ref = perplexity(load_model(str(folders["llama"])), ids, **kw)
+    model = load_model(str(folders["llama"]), offload="disk")
+    head, loads = model.offload.head_index, []
+    onload = model.offload.onload
+    monkeypatch.setattr(model.offload, "onload", lambda i: (loads.append(i), onload(i))[1])
+    got = perplexity(model, ids, **kw)
+    assert got.perplexity == ref.perplexity
+    assert loads.count(head) == 2  # 2 batches of 2 x 31 positions, 13 chunks each
+    assert layer_params_are_placeholders(model)
+
+
 def test_capture_stopped_after_the_last_block_leaves_no_layer_resident(folders, tmp_path):
     """The capture forward ends by an exception after the final block (no LM head): every
     layer is still released, and the store equals the in-memory one."""

@@ -24,6 +24,8 @@ final hidden states ``[batch, seqlen, d_model]`` and the LM head is applied to c
 ``nll_chunk`` token positions, each reduced at once with
 ``torch.nn.functional.cross_entropy(reduction="sum")`` (float32 logits) and accumulated in
 float64.  Peak extra memory is ``nll_chunk * vocab`` floats (1024 x 49152 x 4 B = 200 MB).
+An offloaded LM head (``load_model(..., offload=...)``, untied) is loaded once per batch,
+after the decoder has run, and kept for all of that batch's chunks.
 
 Attention backend
 -----------------
@@ -62,7 +64,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +81,7 @@ from .bridge import (
     native_modules,
     native_sdpa,
 )
+from .offload import layer_resident
 
 __all__ = [
     "PerplexityResult",
@@ -149,7 +153,13 @@ def finish_logits(hf: nn.Module, logits: Tensor) -> Tensor:
     return logits
 
 
-def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str = "sum") -> Tensor:
+def window_nll(
+    hf: nn.Module,
+    ids: Tensor,
+    nll_chunk: int = 1024,
+    reduction: str = "sum",
+    head_scope: Callable[[], AbstractContextManager] | None = None,
+) -> Tensor:
     """Next-token NLL of a batch of windows without materialising full logits.
 
     Parameters
@@ -163,6 +173,10 @@ def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str
     reduction : {"sum", "none"}
         ``"sum"``: float64 scalar, the summed NLL of the ``batch * (seqlen - 1)`` predictions;
         ``"none"``: float32 ``[batch, seqlen - 1]`` per-token NLL.
+    head_scope : callable, optional
+        Returns a context held around all the LM-head calls of the batch (after the decoder
+        has run): :func:`perplexity` passes one that keeps an offloaded head resident, so
+        its weights are loaded once per batch instead of once per chunk.
 
     Returns
     -------
@@ -181,20 +195,32 @@ def window_nll(hf: nn.Module, ids: Tensor, nll_chunk: int = 1024, reduction: str
         flat_t = targets.reshape(b * n)
         total = torch.zeros((), dtype=torch.float64, device=ids.device)
         per_token = [] if reduction == "none" else None
-        for i in range(0, b * n, nll_chunk):
-            logits = head(flat_h[i : i + nll_chunk].unsqueeze(0)).squeeze(0).float()
-            logits = finish_logits(hf, logits)
-            if per_token is None:
-                loss = F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="sum")
-                total += loss.double()
-            else:
-                per_token.append(
-                    F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="none")
-                )
-            del logits
+        with head_scope() if head_scope is not None else nullcontext():
+            _chunked_nll(hf, head, flat_h, flat_t, nll_chunk, total, per_token)
     if per_token is None:
         return total
     return torch.cat(per_token).reshape(b, n)
+
+
+def _chunked_nll(
+    hf: nn.Module,
+    head: nn.Module,
+    flat_h: Tensor,
+    flat_t: Tensor,
+    nll_chunk: int,
+    total: Tensor,
+    per_token: list[Tensor] | None,
+) -> None:
+    """The LM head and cross-entropy on ``nll_chunk`` positions at a time (``flat_h: [P, d]``,
+    ``flat_t: [P]``): adds the summed NLL to ``total`` (float64, in place), or appends the
+    per-position NLL to ``per_token``."""
+    for i in range(0, flat_t.shape[0], nll_chunk):
+        logits = finish_logits(hf, head(flat_h[i : i + nll_chunk].unsqueeze(0)).squeeze(0).float())
+        if per_token is None:
+            total += F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="sum").double()
+        else:
+            per_token.append(F.cross_entropy(logits, flat_t[i : i + nll_chunk], reduction="none"))
+        del logits
 
 
 def _sdpa_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> bool:
@@ -221,6 +247,16 @@ def _probe_agrees(hf: nn.Module, probe: Tensor, nll_chunk: int) -> tuple[bool, f
         native = window_nll(hf, probe, nll_chunk, reduction="none")
     diff = float((ref - native).abs().max())
     return diff <= _PROBE_TOL, diff
+
+
+def _head_scope(model) -> Callable[[], AbstractContextManager] | None:
+    """For an offloaded LM head (``LoadedModel.offload.head_index``), the context that keeps
+    it resident over one batch's LM-head calls; ``None`` when the head stays on the device."""
+    offload = getattr(model, "offload", None)
+    index = None if offload is None else offload.head_index
+    if index is None:
+        return None
+    return lambda: layer_resident(offload, index, keep_edits=False)
 
 
 def perplexity(
@@ -293,7 +329,7 @@ def perplexity(
                 leave=False,
             ):
                 ids = windows[i : i + batch_size].to(device)
-                total += float(window_nll(hf, ids, nll_chunk, reduction="sum"))
+                total += float(window_nll(hf, ids, nll_chunk, "sum", _head_scope(model)))
     finally:
         hf.train(was_training)
     n_tokens = n * (seqlen - 1)
