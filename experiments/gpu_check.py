@@ -4,7 +4,9 @@
 2. a random-weight Llama-2-7B-shaped model in bf16 (built with ``bench_scale.build_model``):
    ``rank`` (4k tokens) and ``prune --method sparsegpt`` (16 × 512 calibration tokens) with
    ``--device cuda``, with the layers offloaded to host memory (``--offload cpu``) and without;
-3. a TinyLlama-1.1B-shaped fp32 model: ``expand --experts 4`` on the GPU, offloaded and not.
+3. a TinyLlama-1.1B-shaped fp32 model: ``expand --experts 4`` on the GPU, offloaded and not
+   (its experts pruned together, the CUDA default), then once more with
+   ``--batched-experts off`` (one by one) to time what batching buys.
 
 Prints one JSON line per step (return code, wall seconds, peak host RSS) and a summary::
 
@@ -23,11 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_scale import build_model, measure
 
+_EXPAND = ["--experts", "4", "--nsamples", "16", "--eval-tokens", "4096"]
+#: (model, command, flags, offloads); the last step times the experts pruned one by one
+#: against the batched default of the step before it (same perplexity within rounding)
 STEPS = [
-    ("7b", "rank", ["--tokens", "4096", "--dtype", "bfloat16"]),
+    ("7b", "rank", ["--tokens", "4096", "--dtype", "bfloat16"], ("cpu", None)),
     ("7b", "prune", ["--method", "sparsegpt", "--nsamples", "16", "--eval-tokens", "4096",
-                     "--dtype", "bfloat16"]),
-    ("1.1b", "expand", ["--experts", "4", "--nsamples", "16", "--eval-tokens", "4096"]),
+                     "--dtype", "bfloat16"], ("cpu", None)),
+    ("1.1b", "expand", _EXPAND, ("cpu", None)),
+    ("1.1b", "expand", [*_EXPAND, "--batched-experts", "off"], (None,)),
 ]  # fmt: skip
 
 
@@ -57,14 +63,14 @@ def main() -> None:
     if rows:
         print(json.dumps(rows[-1]), flush=True)
     work = Path(args.workdir)
-    for model, command, extra in STEPS:
+    for i, (model, command, extra, offloads) in enumerate(STEPS):
         folder = work / f"llama-{model}"
         start = time.perf_counter()
         build_model(model, folder)
         print(json.dumps({"built": model, "s": round(time.perf_counter() - start, 1)}), flush=True)
-        for offload in ("cpu", None):
-            out = work / "runs" / f"{model}-{command}-{offload or 'gpu'}"
-            row = {"step": f"{model} {command}", "offload": offload}
+        for offload in offloads:
+            out = work / "runs" / f"{i}-{model}-{command}-{offload or 'gpu'}"
+            row = {"step": f"{model} {command} {' '.join(extra)}", "offload": offload}
             row.update(measure(folder, command, offload, [*extra, "--device", "cuda"], out))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -204,6 +204,11 @@ CASES = [
         "pass it with --grid",
     ),
     (
+        "batched experts neither auto, on nor off",
+        lambda w, r: _args(w, "expand", r("new"), "--batched-experts", "yes"),
+        "expected auto, on or off, got 'yes'",
+    ),
+    (
         "unknown engine",
         lambda w, r: _args(w, "expand", r("new"), *GRID, "--engine", "spark"),
         "unknown engine 'spark'",

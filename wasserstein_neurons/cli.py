@@ -380,6 +380,13 @@ def _add_expand(sub) -> None:
     _add_routing(p, "route in d_in / factor dims")
     p.add_argument("--save", default=None, help="write the expanded model to this folder")
     p.add_argument(
+        "--batched-experts",
+        type=_auto_on_off,
+        default=None,
+        metavar="{auto,on,off}",
+        help="prune a linear's experts together (batched SparseGPT); auto: on CUDA only",
+    )
+    p.add_argument(
         "--grid",
         action="store_true",
         help="run the grid: sparsities x experts next to magnitude and Wanda",
@@ -388,6 +395,14 @@ def _add_expand(sub) -> None:
     p.add_argument("--grid-experts", type=_ints, default=None, help="e.g. 1,2,4,8,16")
     p.add_argument("--resume", action="store_true", help="--grid: keep finished cells")
     _add_engine(p)
+
+
+def _auto_on_off(text: str) -> bool | None:
+    """``auto`` -> ``None``, ``on`` -> ``True``, ``off`` -> ``False``."""
+    choices = {"auto": None, "on": True, "off": False}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return choices[text]
 
 
 def _add_engine(p: argparse.ArgumentParser, defaults: bool = True) -> None:

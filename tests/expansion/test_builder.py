@@ -7,6 +7,7 @@ import math
 import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_config, make_tiny_model, make_tokenizer
@@ -322,6 +323,54 @@ def test_experts_do_not_depend_on_workers():
     assert sa["rel_error"].tolist() == sb["rel_error"].tolist()
     with pytest.raises(ValueError, match="workers"):
         ExpansionConfig(workers=0)
+
+
+@pytest.mark.parametrize("pattern", ["0.6", "2:4"])
+def test_batched_experts_equal_one_by_one(pattern, monkeypatch):
+    """Experts pruned together (``batched_experts=True``, the CUDA default) equal those pruned
+    one by one within float rounding: the same zeros, the same weights to 1e-4, the same
+    errors; the routers are the very same tensors."""
+    from wasserstein_neurons.expansion import expert_pruning
+
+    calls = []
+    batched_prune = expert_pruning.prune_batched
+    monkeypatch.setattr(
+        expert_pruning,
+        "prune_batched",
+        lambda w, H, *a, **k: (calls.append(len(H)), batched_prune(w, H, *a, **k))[1],
+    )
+    spec = PruneSpec.from_pattern(pattern)
+    kw = dict(n_experts=4, sparsity=spec.sparsity, prunen=spec.prunen, prunem=spec.prunem)
+    states, errors = [], []
+    for batched in (False, True):
+        model = make_tiny_model("llama")
+        summary = build(model, layers=(0,), batched_experts=batched, **kw)
+        states.append(model.hf_model.state_dict())
+        errors.append(summary["rel_error"].to_numpy())
+        assert calls == ([4, 4, 4] if batched else [])  # gate and up (one group), down
+    one, many = states
+    experts = [k for k in one if k.endswith(".weights")]
+    assert len({one[k].data_ptr() for k in experts}) == 3  # gate, up, down of layer 0
+    for key in one:
+        if key in experts:
+            assert torch.equal(one[key] == 0, many[key] == 0), key
+            torch.testing.assert_close(many[key], one[key], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(one[key], many[key]), key
+    np.testing.assert_allclose(errors[1], errors[0], rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_build_prunes_experts_batched_like_the_cpu():
+    """On CUDA the experts are pruned together by default; the layer-0 experts (whose inputs
+    and routers do not depend on earlier pruning) keep nearly the same zeros as on the CPU."""
+    cpu, gpu = make_tiny_model("llama"), make_tiny_model("llama", device="cuda")
+    for model in (cpu, gpu):
+        build(model, n_experts=4, sparsity=0.6, layers=(0,))
+    for role in cpu.adapter.roles:
+        a = cpu.adapter.linear(cpu.hf_model, 0, role).weights
+        b = gpu.adapter.linear(gpu.hf_model, 0, role).weights.cpu()
+        assert ((a == 0) == (b == 0)).float().mean().item() > 0.99, role
 
 
 def test_bad_builder_settings_are_rejected():

@@ -237,6 +237,14 @@ class ExpansionConfig:
         router's k-means restarts and build a linear's experts (cluster Hessian + SparseGPT)
         side by side; ``None``: torch's thread count, at most 4.  Results do not depend on it.
         Needs ``cpu_threads=1`` (otherwise one worker is used); 1 off the CPU.
+    batched_experts : bool or None
+        Prune a linear's experts together
+        (:func:`~wasserstein_neurons.pruning.sparsegpt_batched.prune_batched`: stacked
+        Hessians, batched Cholesky factors and OBS updates: ``k`` times fewer kernel launches,
+        which is what a GPU pays for) instead of one by one on the ``workers``; ``None``: on
+        CUDA only (on this project's 2-core CPU the one-by-one workers are faster).  Experts
+        equal the one-by-one ones within float rounding.  Quantization (``wbits < 16``) and
+        ``neuron_rows`` always prune one by one; ``k = 1`` is SparseGPT either way.
     compact : bool
         Pack the experts (nonzeros + bit masks) after each layer: less memory, slower forward.
     measure_error : bool
@@ -267,6 +275,7 @@ class ExpansionConfig:
     sdpa: bool = True
     cpu_threads: int | None = 1
     workers: int | None = None
+    batched_experts: bool | None = None
     compact: bool = False
     measure_error: bool = True
     store_routing: bool = False

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 from ..pruning import PruneSpec, SparseGPTPruner
+from ..pruning.sparsegpt_batched import prune_batched
 from .expert_linear import ExpertRoutedLinear
 from .router import Router, SmallClusterWarning, fit_router
-from .threads import cpu_threads, resolve_workers, thread_imap
+from .threads import cpu_threads, resolve_workers, thread_imap, thread_map
 
 if TYPE_CHECKING:
     from .builder import ExpansionConfig
@@ -44,6 +45,10 @@ __all__ = ["GroupExperts", "cluster_pruner", "hessian_pruner", "prune_experts", 
 
 #: Rows per ``add_batch`` call when a cluster's tokens are fed to its Hessian (k > 1).
 _HESSIAN_CHUNK = 16384
+
+#: Bytes of stacked ``[g, d_in, d_in]`` Hessians one batched prune may hold (``g`` experts at
+#: a time; it also holds their factors and ``[g, d_out, d_in]`` weights).
+_BATCH_BYTES = 1 << 30
 
 
 @torch.no_grad()
@@ -323,16 +328,65 @@ class GroupExperts:
             )
             return
         todo = [c for c in range(k) if int(self.counts[c]) > 0]
+        if self.batched:
+            self._prune_clusters_batched(todo, xs, starts)
+            return
         built = thread_imap(lambda c: self._build_cluster(c, xs, starts), todo, self.workers)
         for c, (own, res) in zip(todo, built, strict=True):
             self._add_cluster(c, own, res)
+
+    @property
+    def batched(self) -> bool:
+        """Whether the experts are pruned together (:func:`~..pruning.sparsegpt_batched.
+        prune_batched`): ``cfg.batched_experts``, ``None`` meaning on CUDA only; never with
+        quantization or neuron rows (one by one there)."""
+        want = self.cfg.batched_experts
+        want = self.device.type == "cuda" if want is None else want
+        plain = not self.cfg.spec().quantize and all(r is None for r in self.rows.values())
+        return bool(want) and plain
+
+    def _prune_clusters_batched(self, todo: list[int], xs: Tensor, starts: list[int]) -> None:
+        r"""The clusters ``todo`` in groups of ``g``: their Hessians (side by side on the
+        ``workers``), then every role's ``g`` experts by one batched SparseGPT run
+        (:math:`g \cdot d_{in}^2` floats of Hessians at most :data:`_BATCH_BYTES`)."""
+        g = max(1, _BATCH_BYTES // (4 * self.d_in * self.d_in))
+        for i in range(0, len(todo), g):
+            group = todo[i : i + g]
+            owns = thread_map(lambda c: self._cluster_hessian(c, xs, starts), group, self.workers)
+            live = [j for j, c in enumerate(group) if c not in self.fallbacks]
+            res = self._prune_experts_batched([owns[j] for j in live])
+            by_cluster = dict(zip([group[j] for j in live], res, strict=True))
+            for c, own in zip(group, owns, strict=True):
+                self._add_cluster(c, own, by_cluster.get(c))
+
+    def _prune_experts_batched(self, owns: list[SparseGPTPruner]) -> list[dict[str, Any]]:
+        """Every role pruned under each of ``owns``' Hessians at once; one
+        :meth:`_prune_expert`-like result per pruner, errors measured under its own Hessian."""
+        cfg, out = self.cfg, [{} for _ in owns]
+        if not owns:
+            return out
+        spec = cfg.spec()
+        with cpu_threads(cfg.cpu_threads, self.device):
+            H = torch.stack([own.H for own in owns])  # [g, d_in, d_in]
+            for r in self.names:
+                w = self.weights[r]
+                W, _, _ = prune_batched(w.to(self.device), H, spec, per_row=spec.per_row is True)
+                for e, own in enumerate(owns):
+                    sel = W[e].to(device=w.device, dtype=w.dtype)
+                    num = own.nsamples * _trace_quad(w - sel, own.H) if cfg.measure_error else 0.0
+                    out[e][r] = (sel, int((sel == 0).sum()), num)
+        return out
+
+    def _cluster_hessian(self, c: int, xs: Tensor, starts: list[int]) -> SparseGPTPruner:
+        """The pruner holding cluster ``c``'s Hessian (its tokens ``xs[starts[c]:starts[c+1]]``)."""
+        with cpu_threads(self.cfg.cpu_threads, self.device):
+            return cluster_pruner(xs, slice(starts[c], starts[c + 1]), self.device)
 
     def _build_cluster(
         self, c: int, xs: Tensor, starts: list[int]
     ) -> tuple[SparseGPTPruner, dict[str, Any] | None]:
         """Hessian of cluster ``c`` and, unless it is a fallback, its pruned experts."""
-        with cpu_threads(self.cfg.cpu_threads, self.device):
-            own = cluster_pruner(xs, slice(starts[c], starts[c + 1]), self.device)
+        own = self._cluster_hessian(c, xs, starts)
         return own, None if c in self.fallbacks else self._prune_expert(own, own)
 
     def _add_cluster(self, c: int, own: SparseGPTPruner, res: dict[str, Any] | None) -> None:

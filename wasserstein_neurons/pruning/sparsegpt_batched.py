@@ -20,8 +20,9 @@ Speed: on this project's 2-core CPU (1 thread, float32, 16 Hessians, sparsity 0.
 *not* faster: 21.0 s against 13.3 s one by one for a ``[1536, 576]`` weight and 20.3 s against
 19.9 s for ``[576, 1536]``. The column loop is bound by memory traffic, not by Python, and a
 ``[16, r, 128]`` block no longer fits in cache. What batching removes is ``k - 1`` of every
-``k`` kernel launches, which is what dominates on a GPU; it is not yet wired into the builder,
-and no GPU measurement has been made.
+``k`` kernel launches, which is what dominates on a GPU: the Sparse Expansion builder uses it
+there (``ExpansionConfig.batched_experts``, default on CUDA only); no GPU measurement has been
+made yet (``experiments/gpu_check.py`` times it against one by one).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ class ExpandConfig(EngineSettings, SparsitySettings, CalibrationSettings, EvalSe
         Experts of the SE model of :func:`run_expand`.
     sparsity, prunen, prunem, wbits :
         Target of :func:`run_expand` (n:m, when set, overrides ``sparsity``).
-    pca_factor, kmeans_restarts, min_cluster_tokens, within_layer_sequential :
+    pca_factor, kmeans_restarts, min_cluster_tokens, within_layer_sequential, batched_experts :
         Passed to :class:`~wasserstein_neurons.expansion.ExpansionConfig`.
     nsamples, seed :
         Calibration windows (``nsamples`` x ``seqlen``, seeded; the same seed seeds k-means).
@@ -158,6 +158,7 @@ class ExpandConfig(EngineSettings, SparsitySettings, CalibrationSettings, EvalSe
     kmeans_restarts: int = DEFAULT_KMEANS_RESTARTS
     min_cluster_tokens: int | None = None
     within_layer_sequential: bool = False
+    batched_experts: bool | None = None
     grid_sparsities: tuple[str, ...] = SPARSITY_GRID
     grid_experts: tuple[int, ...] = EXPERT_GRID
     baselines: tuple[str, ...] = BASELINES
