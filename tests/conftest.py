@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -139,6 +140,16 @@ def tiny_llama():
 @pytest.fixture
 def tiny_tokenizer():
     return make_tokenizer()
+
+
+def saved_expansion_tensors(folder) -> dict:
+    """Every tensor of a folder written by ``save_expanded`` (its per-layer files merged)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("expansion-*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
 def save_tiny_model(path, family: str = "llama", seed: int = 0):

@@ -20,7 +20,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_tokenizer, saved_expansion_tensors
 
 from wasserstein_neurons.architectures import TESTED_MODEL_TYPES
 from wasserstein_neurons.bridge import native_modules
@@ -219,8 +219,6 @@ def test_offloaded_expansion_stores_experts_with_their_layer(model_type, tmp_pat
     """Sparse Expansion (k = 2) on the offloaded model: after the build every layer parameter,
     experts included, is a placeholder (the experts live in the scratch files), and the
     expanded model's logits and saved experts equal the in-memory build's."""
-    from safetensors.torch import load_file
-
     from wasserstein_neurons.expansion import save_expanded
 
     hf, tok = tiny_hf(model_type)
@@ -239,7 +237,7 @@ def test_offloaded_expansion_stores_experts_with_their_layer(model_type, tmp_pat
         with torch.no_grad():
             logits = model.bridge(windows(2, seed=1))
         saved = save_expanded(model, tmp_path / f"se-{offload}", cfg)
-        got[offload] = logits, load_file(saved / "expansion.safetensors")
+        got[offload] = logits, saved_expansion_tensors(saved)
     assert torch.equal(got[None][0], got["disk"][0])
     assert got[None][1].keys() == got["disk"][1].keys()
     for key, t in got[None][1].items():

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, make_tiny_model, module_inputs
+from conftest import FAMILIES, make_tiny_model, module_inputs, saved_expansion_tensors
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
@@ -317,7 +317,7 @@ def test_cli_expand_in_half_precision(cli_runs, dtype):
     assert np.isfinite(table["perplexity"]).all() and (table["perplexity"] > 1).all()
     meta = json.loads((root / f"se-{dtype}" / "expansion.json").read_text())
     assert meta["dtype"] == dtype
-    tensors = load_file(str(root / f"se-{dtype}" / "expansion.safetensors"))
+    tensors = saved_expansion_tensors(root / f"se-{dtype}")
     floats = {k: str(v.dtype) for k, v in tensors.items() if v.is_floating_point()}
     router = {k for k in floats if k.split(".")[-1] in ("mean", "components", "centroids")}
     assert router and {floats[k] for k in router} == {"torch.float32"}  # routing in float32

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from conftest import make_config, make_tiny_model, make_tokenizer
+from conftest import make_config, make_tiny_model, make_tokenizer, saved_expansion_tensors
 
 from wasserstein_neurons.bridge import native_sdpa
 from wasserstein_neurons.evaluate import perplexity
@@ -287,6 +287,35 @@ def test_save_and_apply_round_trip(tmp_path, compact):
     gate = fresh.adapter.linear(fresh.hf_model, 1, "gate")
     assert gate.router is fresh.adapter.linear(fresh.hf_model, 1, "up").router
     assert gate.is_compact == compact
+
+
+def test_saved_expansion_has_a_file_per_layer_and_first_format_loads(tmp_path):
+    """``save_expanded`` writes each layer's modules to their own file (one layer's experts in
+    memory at a time); a folder of the first format (every tensor in ``expansion.safetensors``,
+    entries without files) still loads to the same model."""
+    from safetensors.torch import save_file
+
+    model = make_tiny_model("llama")
+    build(model, n_experts=2, sparsity=0.5)
+    ids = windows(2, seed=3)
+    save_expanded(model, tmp_path / "se")
+    names = sorted(f.name for f in (tmp_path / "se").glob("*.safetensors"))
+    assert names == ["expansion-00000.safetensors", "expansion-00001.safetensors"]
+    meta = json.loads((tmp_path / "se" / "expansion.json").read_text())
+    assert {(m["layer"], m["file"]) for m in meta["modules"]} == {
+        (0, names[0]),
+        (1, names[1]),
+    }
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(saved_expansion_tensors(tmp_path / "se"), str(old / "expansion.safetensors"))
+    meta["format"] = "wasserstein_neurons.sparse_expansion/1"
+    meta["modules"] = [{k: v for k, v in m.items() if k != "file"} for m in meta["modules"]]
+    (old / "expansion.json").write_text(json.dumps(meta))
+    for folder in (tmp_path / "se", old):
+        fresh = make_tiny_model("llama")
+        apply_expansion(fresh, folder)
+        assert torch.equal(logits(fresh, ids), logits(model, ids)), folder.name
 
 
 def test_load_expanded_from_a_model_folder(tmp_path):

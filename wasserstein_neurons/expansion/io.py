@@ -1,10 +1,13 @@
 """Save / load a Sparse Expansion: the expanded MLP modules of a model, without the base model.
 
-A saved expansion is a folder with ``expansion.safetensors`` (tensors keyed
-``"{layer}.{role}.{name}"``) and ``expansion.json`` (format tag :data:`EXPANSION_FORMAT`, base
-model name, dtype, the :class:`~wasserstein_neurons.expansion.ExpansionConfig` and the module
-list).  :func:`apply_expansion` puts the modules into a freshly loaded base model,
-:func:`load_expanded` loads that base model first.
+A saved expansion is a folder with one ``expansion-{layer:05d}.safetensors`` file per layer
+(tensors keyed ``"{layer}.{role}.{name}"``) and ``expansion.json`` (format tag
+:data:`EXPANSION_FORMAT`, base model name, dtype, the
+:class:`~wasserstein_neurons.expansion.ExpansionConfig` and the module list, each entry naming
+its file).  Writing a layer at a time keeps the memory of a save at one layer's experts, which
+is what an offloaded model (a 7B model's 16 experts per linear) can afford; folders of the
+first format (one ``expansion.safetensors``) still load.  :func:`apply_expansion` puts the
+modules into a freshly loaded base model, :func:`load_expanded` loads that base model first.
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ from ..offload import layer_resident
 from .builder import ExpansionConfig, _layer_roles
 from .expert_linear import ExpertRoutedLinear
 
-__all__ = ["EXPANSION_FORMAT", "apply_expansion", "load_expanded", "save_expanded"]
+__all__ = ["EXPANSION_FORMAT", "apply_expansion", "layer_file", "load_expanded", "save_expanded"]
 
-#: Value of ``"format"`` in the JSON written by :func:`save_expanded`.
-EXPANSION_FORMAT = "wasserstein_neurons.sparse_expansion/1"
+#: Value of ``"format"`` in the JSON written by :func:`save_expanded` (``/2``: a file per layer).
+EXPANSION_FORMAT = "wasserstein_neurons.sparse_expansion/2"
+#: Formats :func:`apply_expansion` reads (``/1``: every tensor in :data:`_SINGLE_FILE`).
+_READABLE_FORMATS = ("wasserstein_neurons.sparse_expansion/1", EXPANSION_FORMAT)
 _JSON_FILE = "expansion.json"
-_TENSOR_FILE = "expansion.safetensors"
+_SINGLE_FILE = "expansion.safetensors"
+
+
+def layer_file(layer: int) -> str:
+    """Name of the tensor file of ``layer``'s modules in a saved expansion."""
+    return f"expansion-{layer:05d}.safetensors"
 
 
 def save_expanded(
@@ -40,15 +50,17 @@ def save_expanded(
 ) -> Path:
     """Write the expanded MLP modules of ``model`` to the folder ``path``.
 
-    Files: ``expansion.safetensors`` (tensors keyed ``"{layer}.{role}.{name}"``) and
-    ``expansion.json`` (format tag, base model name, dtype, the :class:`ExpansionConfig`, the
-    module list, and ``extra``).  Only the MLP linears are stored: :func:`apply_expansion`
-    puts them into a freshly loaded base model.
+    Files: ``expansion-{layer:05d}.safetensors`` for every layer with modules (tensors keyed
+    ``"{layer}.{role}.{name}"``, written one layer at a time) and ``expansion.json`` (format
+    tag, base model name, dtype, the :class:`ExpansionConfig`, the module list, and
+    ``extra``).  Only the MLP linears are stored: :func:`apply_expansion` puts them into a
+    freshly loaded base model.
 
     Parameters
     ----------
     model : LoadedModel
-        After :func:`build_sparse_expansion`.
+        After :func:`build_sparse_expansion` (offloaded or not: an offloaded layer is loaded
+        for its write and released unchanged).
     path : str or Path
         Output folder (created; existing files of the same names are overwritten).
     cfg : ExpansionConfig, optional
@@ -69,10 +81,14 @@ def save_expanded(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, entries, storage = _expansion_tensors(model, cfg, compact)
+    entries, storage = [], None
+    for layer, tensors, layer_entries, kind in _expansion_layers(model, cfg, compact):
+        if tensors:
+            save_file(tensors, str(path / layer_file(layer)))
+        entries += [{**e, "file": layer_file(layer)} for e in layer_entries]
+        storage = storage or kind
     if not entries:
         raise ValueError("the model holds no expanded MLP module to save")
-    save_file(tensors, str(path / _TENSOR_FILE))
     meta = {
         "format": EXPANSION_FORMAT,
         "base_model": model.name,
@@ -87,21 +103,16 @@ def save_expanded(
     return path
 
 
-def _expansion_tensors(
-    model, cfg: ExpansionConfig | None, compact: bool
-) -> tuple[dict[str, Tensor], list[dict[str, Any]], str | None]:
-    """Tensors and module entries that :func:`save_expanded` writes.
+def _expansion_layers(model, cfg: ExpansionConfig | None, compact: bool):
+    """For every layer, what :func:`save_expanded` writes: ``(layer, tensors, entries,
+    storage)``, one layer at a time.
 
-    Returns
-    -------
-    tensors : dict
-        CPU copies keyed ``"{layer}.{role}.{name}"``: the state dict of every expanded module
-        (packed with ``compact``; a router shared with an earlier role of the layer is left
-        out) and, with ``cfg``, the ``weight``/``bias`` of the plain linears of its roles.
-    entries : list of dict
-        ``{"layer", "role", "kind": "experts", "router_from"}`` or ``{..., "kind": "linear"}``.
-    storage : {"dense", "compact"} or None
-        Storage of the first expanded module in memory (``None``: none).
+    ``tensors`` are CPU copies keyed ``"{layer}.{role}.{name}"``: the state dict of every
+    expanded module (packed with ``compact``; a router shared with an earlier role of the
+    layer is left out) and, with ``cfg``, the ``weight``/``bias`` of the plain linears of its
+    roles; ``entries`` are ``{"layer", "role", "kind": "experts", "router_from"}`` or
+    ``{..., "kind": "linear"}``; ``storage`` (``"dense"``, ``"compact"``, ``None``: none) is
+    that of the layer's first expanded module in memory.
     """
     adapter = model.adapter
     layers = range(adapter.n_layers)
@@ -109,17 +120,15 @@ def _expansion_tensors(
     if cfg is not None:
         roles = _layer_roles(model, cfg)
         layers = cfg.layers if cfg.layers is not None else layers
-    tensors: dict[str, Tensor] = {}
-    entries: list[dict[str, Any]] = []
-    storage = None
     weights = getattr(model, "offload", None)
     for layer in layers:
+        tensors: dict[str, Tensor] = {}
+        entries: list[dict[str, Any]] = []
         with layer_resident(weights, layer, keep_edits=False):  # offloaded: loaded, unchanged
             kind = _layer_tensors(
                 model, layer, roles if cfg is not None else (), compact, tensors, entries
             )
-        storage = storage or kind
-    return tensors, entries, storage
+        yield layer, tensors, entries, kind
 
 
 def _layer_tensors(
@@ -175,9 +184,28 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} holds no {_JSON_FILE}: not a saved Sparse Expansion")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != EXPANSION_FORMAT:
+    if meta.get("format") not in _READABLE_FORMATS:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}")
     return meta
+
+
+class _SavedTensors:
+    """The tensors of a saved expansion, one file in memory at a time (entries are in layer
+    order, so each per-layer file is read once)."""
+
+    def __init__(self, path: Path):
+        self.path, self.name, self.tensors = path, None, {}
+
+    def module(self, entry: dict[str, Any]) -> dict[str, Tensor]:
+        """State dict of ``entry``'s module (keys without its ``"{layer}.{role}."`` prefix)."""
+        from safetensors.torch import load_file
+
+        name = entry.get("file", _SINGLE_FILE)
+        if name != self.name:
+            self.name, self.tensors = None, {}  # the previous file is freed first
+            self.tensors, self.name = load_file(str(self.path / name)), name
+        prefix = f"{entry['layer']}.{entry['role']}."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
@@ -207,8 +235,6 @@ def apply_expansion(
     ValueError
         For a different architecture family, or mismatched module sizes.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta = _read_meta(path)
     if meta["family"] != model.adapter.family:
@@ -218,14 +244,13 @@ def apply_expansion(
     storage = storage or meta.get("storage", "dense")
     if storage not in ("dense", "compact"):
         raise ValueError(f"storage must be 'dense' or 'compact', got {storage!r}")
-    tensors = load_file(str(path / _TENSOR_FILE))
+    saved = _SavedTensors(path)
     adapter, hf = model.adapter, model.hf_model
     device, dtype = model.device, model.dtype
     loaded: dict[tuple[int, str], ExpertRoutedLinear] = {}
     for entry in meta["modules"]:
         layer, role = int(entry["layer"]), entry["role"]
-        prefix = f"{layer}.{role}."
-        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        sd = saved.module(entry)
         if entry["kind"] == "linear":
             module = adapter.linear(hf, layer, role)
             w = module.weight
