@@ -40,6 +40,8 @@ def make_tokenizer():
     It is saved once to a temporary folder and reloaded from there, because TransformerLens
     re-opens the tokenizer by its ``name_or_path``.
     """
+    import atexit
+    import shutil
     import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,6 +61,7 @@ def make_tokenizer():
     tok.train_from_iterator([TINY_TEXT], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
     _TOKENIZER_DIR.append(tempfile.mkdtemp(prefix="wn-tiny-tokenizer-"))
+    atexit.register(shutil.rmtree, _TOKENIZER_DIR[0], True)  # one folder per test process
     fast.save_pretrained(_TOKENIZER_DIR[0])
     return AutoTokenizer.from_pretrained(_TOKENIZER_DIR[0])
 
