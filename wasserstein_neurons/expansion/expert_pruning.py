@@ -337,9 +337,8 @@ class GroupExperts:
 
     @property
     def batched(self) -> bool:
-        """Whether the experts are pruned together (:func:`~..pruning.sparsegpt_batched.
-        prune_batched`): ``cfg.batched_experts``, ``None`` meaning on CUDA only; never with
-        quantization or neuron rows (one by one there)."""
+        """Whether the experts are pruned together (``prune_batched``): ``cfg.batched_experts``,
+        ``None`` meaning on CUDA only; never with quantization or neuron rows (one by one)."""
         want = self.cfg.batched_experts
         want = self.device.type == "cuda" if want is None else want
         plain = not self.cfg.spec().quantize and all(r is None for r in self.rows.values())
